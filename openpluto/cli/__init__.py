@@ -1,0 +1,1 @@
+"""The ``openpluto`` command line: one sub-command module per stage, dispatched by ``main``."""
