@@ -21,7 +21,8 @@ COMMAND_MODULES = [
     "openpluto.cli.slide",  # tissue, tiles
     "openpluto.cli.model",  # export-timm
     "openpluto.cli.pretrain",  # pretrain, export
-    "openpluto.cli.embed",  # embed, embed-images
+    "openpluto.cli.embed",  # embed
+    "openpluto.cli.embed_images",  # embed-images
     "openpluto.cli.evaluate",  # eval linear|knn|abmil|segmentation|regression|table
     "openpluto.cli.demo",  # demo
 ]

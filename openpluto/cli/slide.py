@@ -1,7 +1,80 @@
-"""CLI sub-commands (placeholder until its stage lands)."""
+"""``openpluto tissue`` and ``openpluto tiles``: slides -> tissue masks / multi-resolution tile shards."""
+
+from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add this module's sub-commands."""
+    """Add the ``tissue`` and ``tiles`` sub-commands."""
+    from openpluto.config import add_config_args
+    from openpluto.slide.config import TilesConfig, TissueConfig
+
+    p = subparsers.add_parser(
+        "tissue",
+        help="tissue + artifact masks, GeoJSON and QC overlays of slides",
+        description="Write <slide>_mask.png, <slide>_overlay.png, <slide>.geojson (QuPath) and <slide>.json "
+        "per slide into --out; failures go to errors.csv.",
+    )
+    p.add_argument("slides", nargs="+", help="slide files or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--mpp-override", default=None, help="µm/px for slides without it: number or CSV slide,mpp"
+    )
+    p.add_argument("--workers", type=int, default=1, help="slides in parallel (processes)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per slide before it is abandoned")
+    add_config_args(p, TissueConfig)
+    p.set_defaults(func=run_tissue_cmd)
+
+    p = subparsers.add_parser(
+        "tiles",
+        help="cut multi-resolution tiles of usable tissue into WebDataset shards",
+        description="Tiles at each --mpp x --tile-size over usable tissue -> OUT/shards/*.tar (jpg + json), "
+        "OUT/manifest.csv, OUT/errors.csv, OUT/summary.json, OUT/qc/. Reruns skip finished slides.",
+    )
+    p.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    add_config_args(p, TilesConfig)
+    add_config_args(p, TissueConfig)
+    p.set_defaults(func=run_tiles_cmd)
+
+
+def run_tissue_cmd(args: argparse.Namespace) -> int:
+    from openpluto.config import config_from_args
+    from openpluto.slide.config import TissueConfig
+    from openpluto.slide.tissue_batch import run_tissue
+
+    cfg = config_from_args(TissueConfig, args)
+    infos, errors = run_tissue(
+        args.slides, args.out, cfg, mpp_override=args.mpp_override, workers=args.workers, timeout=args.timeout
+    )
+    for i in infos:
+        area = (
+            f"{i['tissue_mm2']:.2f} mm² tissue"
+            if i["tissue_mm2"] is not None
+            else f"{100 * i['tissue_fraction']:.1f}% tissue"
+        )
+        arts = (
+            ", ".join(f"{k} {100 * v:.1f}%" for k, v in i["artifact_fraction"].items() if v > 0)
+            or "no artifacts"
+        )
+        print(f"{i['slide']}: {area}, usable {100 * i['usable_fraction']:.1f}% of the slide; {arts}")
+    print(
+        f"{len(infos)} slides done, {len(errors)} failed (see {args.out}/errors.csv)"
+        if errors
+        else f"{len(infos)} slides done -> {args.out}"
+    )
+    return 0 if infos or not errors else 1
+
+
+def run_tiles_cmd(args: argparse.Namespace) -> int:
+    from openpluto.config import config_from_args
+    from openpluto.slide.config import TilesConfig, TissueConfig
+    from openpluto.slide.tiles import format_summary, run_tiles
+
+    cfg = config_from_args(TilesConfig, args)
+    tcfg = config_from_args(TissueConfig, args)
+    summary = run_tiles(args.slides, args.out, cfg, tcfg)
+    print(format_summary(summary))
+    print(f"-> {args.out}/shards, manifest.csv, errors.csv, summary.json, qc/")
+    return 0 if summary["slides_ok"] or not summary["slides_failed"] else 1

@@ -1,0 +1,233 @@
+"""Pretraining input: WebDataset tile shards or an image folder, in a deterministic, resumable order.
+
+Order. The stream of samples is fixed by the seed alone: epoch ``e`` visits every sample once in the
+order of a permutation seeded by ``(seed, e)``; stream position ``p`` is sample ``perm_e[p % N]`` with
+``e = p // N``. Micro-batch ``m`` of rank ``r`` (``W`` ranks, ``B`` images each) holds positions
+``m*W*B + r*B .. m*W*B + r*B + B - 1``, so ranks (nodes) split every global batch without overlap.
+The augmentation RNG of a sample is seeded by ``(seed, p)``, so a view depends only on its position:
+the number of DataLoader workers (which only split the work of loading a batch) and restarts do not
+change what is trained on. The checkpoint stores ``m`` (``data_position``); ``--resume`` starts there.
+Changing the world size or batch size on resume keeps the order of samples and re-cuts it into batches
+from the number of samples seen (``samples_seen // (W*B)``; at most one partial batch is skipped).
+
+Shards. ``*.tar`` files found recursively under the data folder are indexed once at start (tar
+headers only: member offsets and sizes); a sample (``__key__`` + ``jpg``/``png``/... member, as written
+by ``openpluto tiles``) is then read by seeking into its shard, so each rank and worker reads only its
+own samples. Otherwise every image file under the folder (recursively) is a sample.
+A sample that fails to decode is reported once and replaced by the next position's sample.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from openpluto.errors import OpenPlutoError
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+
+
+class DataError(OpenPlutoError):
+    """The data folder holds nothing usable."""
+
+
+def _mix(*ints: int) -> int:
+    """Deterministic 63-bit hash of a few integers (seeds per epoch / position)."""
+    h = 0x9E3779B97F4A7C15
+    for v in ints:
+        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def index_shard(path: Path, image_keys: Sequence[str]) -> list[tuple[int, int]]:
+    """(offset, size) of the image member of each sample in one tar shard, in file order."""
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    order: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = os.path.basename(m.name)
+            if "." not in base:
+                continue
+            stem, ext = base.split(".", 1)
+            key = os.path.join(os.path.dirname(m.name), stem)
+            if key not in found:
+                found[key] = {}
+                order.append(key)
+            found[key][ext.lower()] = (m.offset_data, m.size)
+    out = []
+    for key in order:
+        for k in image_keys:
+            if k in found[key]:
+                out.append(found[key][k])
+                break
+    return out
+
+
+class TileSamples(Dataset):
+    """Random access to images in WebDataset shards or image files: index -> PIL RGB image."""
+
+    def __init__(
+        self,
+        shards: list[Path] | None = None,
+        files: list[Path] | None = None,
+        image_keys: Sequence[str] = ("jpg", "png"),
+    ) -> None:
+        self.items: list[tuple[int, int, int]] = []  # (source index, offset, size); files: offset -1
+        self.sources: list[Path] = []
+        self._handles: dict[int, object] = {}
+        self._pid = -1
+        if shards:
+            self.sources = list(shards)
+            for i, s in enumerate(self.sources):
+                try:
+                    self.items += [(i, off, size) for off, size in index_shard(s, image_keys)]
+                except (tarfile.TarError, OSError) as e:
+                    warnings.warn(f"skipping unreadable shard {s} ({e})", stacklevel=2)
+        elif files:
+            self.sources = list(files)
+            self.items = [(i, -1, 0) for i in range(len(self.sources))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, src: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # fresh handles in each worker process
+            self._handles, self._pid = {}, os.getpid()
+        f = self._handles.get(src)
+        if f is None:
+            f = self._handles[src] = open(self.sources[src], "rb")  # noqa: SIM115 - kept open for reuse
+        f.seek(offset)
+        return f.read(size)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        src, offset, size = self.items[index]
+        if offset < 0:
+            with Image.open(self.sources[src]) as im:
+                return im.convert("RGB")
+        with Image.open(io.BytesIO(self._read(src, offset, size))) as im:
+            return im.convert("RGB")
+
+    def describe(self, index: int) -> str:
+        src, offset, _ = self.items[index]
+        return f"{self.sources[src]}" + (f" @ byte {offset}" if offset >= 0 else "")
+
+
+def find_samples(root: str | Path, image_keys: Sequence[str] = ("jpg", "jpeg", "png")) -> TileSamples:
+    """Shards (``*.tar`` anywhere under ``root``) if any, else image files under ``root``."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass --data DIR with shards or images")
+    if root.is_file() and root.suffix == ".tar":
+        shards = [root]
+    else:
+        shards = sorted(root.rglob("*.tar"))
+    if shards:
+        ds = TileSamples(shards=shards, image_keys=image_keys)
+        if len(ds) == 0:
+            raise DataError(
+                f"no image samples ({'/'.join(image_keys)}) in the {len(shards)} shards under {root}"
+            )
+        return ds
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise DataError(f"no *.tar shards or image files under {root}; run `openpluto tiles` first")
+    return TileSamples(files=files)
+
+
+class PositionViews(Dataset):
+    """Stream position -> multi-crop views of its sample (see module docstring for the order)."""
+
+    def __init__(self, samples: TileSamples, transform: Callable, seed: int = 0) -> None:
+        self.samples, self.transform, self.seed = samples, transform, seed
+        self._perm_epoch, self._perm = -1, None
+        self._warned: set[int] = set()
+
+    def sample_index(self, position: int) -> int:
+        n = len(self.samples)
+        epoch = position // n
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
+        return int(self._perm[position % n])
+
+    def __len__(self) -> int:  # positions are unbounded; the sampler decides
+        return 2**62
+
+    def __getitem__(self, position: int) -> dict:
+        for attempt in range(16):
+            idx = self.sample_index(position + attempt)
+            try:
+                img = self.samples[idx]
+                break
+            except Exception as e:  # noqa: BLE001 - a corrupt tile must not stop a long run
+                if idx not in self._warned:
+                    self._warned.add(idx)
+                    warnings.warn(
+                        f"skipping unreadable sample {self.samples.describe(idx)} ({e})", stacklevel=2
+                    )
+        else:
+            raise DataError(f"16 unreadable samples in a row near position {position}; check the shards")
+        s = _mix(self.seed, 1, position)
+        torch.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        return self.transform(img)
+
+
+class StreamSampler(Sampler[int]):
+    """Positions of this rank's micro-batches, from micro-batch ``start`` on, without end."""
+
+    def __init__(self, batch_size: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+        self.b, self.rank, self.world, self.start = batch_size, rank, world_size, start
+
+    def __iter__(self) -> Iterator[int]:
+        m = self.start
+        while True:
+            base = m * self.world * self.b + self.rank * self.b
+            yield from range(base, base + self.b)
+            m += 1
+
+    def __len__(self) -> int:
+        return 2**62
+
+
+def build_loader(
+    samples: TileSamples,
+    transform: Callable,
+    collate: Callable,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_micro_batch: int,
+    num_workers: int = 0,
+    prefetch_factor: int = 2,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Endless DataLoader of collated multi-crop micro-batches starting at ``start_micro_batch``."""
+    views = PositionViews(samples, transform, seed)
+    sampler = StreamSampler(batch_size, rank, world_size, start_micro_batch)
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    return DataLoader(
+        views,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        **kwargs,
+    )

@@ -1,0 +1,216 @@
+"""End-to-end ``run_embed`` on synthetic slides: tiles on tissue, features = model.embed, resumable."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import torch
+from _embed_utils import MPP, TILE, embed_config
+
+from openpluto.embed import is_complete, read_slide_h5, run_embed
+from openpluto.embed.pipeline import TileEmbedder, load_model
+
+
+def _reference(path, coords, encoder, patch_size=None, pooling="cls"):
+    """model.embed on the same pixels: Slide.read + the encoder's mean/std, computed here."""
+    from openpluto.slide import open_slide
+
+    with open_slide(path) as s:
+        tiles = np.stack([s.read(int(x), int(y), TILE, MPP) for x, y in coords])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(encoder.mean).view(1, 3, 1, 1)) / torch.tensor(encoder.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return encoder.embed(x, patch_size=patch_size, pooling=pooling).numpy()
+
+
+@pytest.fixture(scope="module")
+def embedded(cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("emb")
+    cfg = embed_config([cohort[0].parent], out, pictures=True)
+    summary = run_embed(cfg, progress=False, log=None)
+    return cfg, out, summary
+
+
+def test_cohort_files_coords_on_tissue_and_features_equal_model(embedded, cohort):
+    from openpluto.slide import detect_tissue, open_slide
+    from openpluto.slide.synthetic import load_truth
+
+    cfg, out, summary = embedded
+    assert (summary.embedded, summary.failed, summary.skipped) == (3, 0, 0)
+    encoder = load_model(cfg, torch.device("cpu"))
+    for path in cohort:
+        d = read_slide_h5(out / f"{path.stem}.h5")
+        a = d["attrs"]
+        n = len(d["coords"])
+        assert n > 10 and d["features"].shape == (n, 128) and d["features"].dtype == np.float32
+        assert d["coords"].dtype == np.int64 and d["coords"].shape == (n, 2)
+        assert (a["mpp"], a["tile_size"], a["patch_size"], a["pooling"]) == (MPP, TILE, 16, "cls")
+        assert a["tile_size_level0"] == 128 and a["slide_mpp"] == 0.5 and a["level"] == 1
+        assert a["model"] == "vit_micro_flexi" and a["weights_hash"] == "random-init"
+        assert a["openpluto_version"]
+        # Every tile is on usable tissue of the mask at the claimed mpp/size (exactly what was stored) ...
+        with open_slide(path) as slide:
+            mask = detect_tissue(slide)
+        size0 = a["tile_size_level0"]
+        frac = mask.usable_fraction(d["coords"][:, 0], d["coords"][:, 1], size0)
+        assert frac.min() >= 0.5 - 1e-9
+        np.testing.assert_allclose(frac, d["tissue_fraction"], atol=1e-6)
+        # ... and on tissue of the ground truth (the detector is not perfect at the edges).
+        truth = load_truth(path)
+        tissue = np.array([truth.tissue[truth.box(x, y, size0)].mean() for x, y in d["coords"]])
+        assert tissue.min() >= 0.2 and tissue.mean() >= 0.85, (path.name, tissue.min(), tissue.mean())
+        labels = np.array([truth.class_map[truth.box(x, y, size0)].max() for x, y in d["coords"]])
+        assert (labels >= 0).all()
+        # Same numbers as model.embed on the same pixels.
+        sel = np.arange(0, n, max(1, n // 12))
+        ref = _reference(path, d["coords"][sel], encoder)
+        np.testing.assert_allclose(d["features"][sel], ref, rtol=1e-4, atol=1e-4)
+        assert (out / "pictures" / f"{path.stem}_pc1.png").stat().st_size > 1000
+    with open(out / "errors.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["slide", "error"]]
+
+
+def test_rerun_skips_finished_and_reports_bad_slides(embedded, cohort, tmp_path):
+    cfg, out, _ = embedded
+    mtimes = {p.stem: (out / f"{p.stem}.h5").stat().st_mtime_ns for p in cohort}
+    bad = tmp_path / "broken.svs"
+    bad.write_text("not a slide at all")
+    empty = tmp_path / "blank.tiff"  # a valid tiled TIFF at 0.5 µm/px with no tissue at all
+    tifffile.imwrite(empty, np.full((512, 512, 3), 250, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    summary = run_embed(cfg.replace(inputs=[str(cohort[0].parent), str(bad), str(empty)]), progress=False,
+                        log=None)
+    assert (summary.skipped, summary.embedded, summary.failed) == (3, 0, 2)
+    assert {p.stem: (out / f"{p.stem}.h5").stat().st_mtime_ns for p in cohort} == mtimes
+    with open(out / "errors.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["slide"] for r in rows) == sorted([str(bad), str(empty)])
+    for r in rows:
+        assert "\n" not in r["error"] and (r["slide"] in r["error"] or "tissue" in r["error"])
+    assert not (out / "broken.h5").exists() and not (out / "blank.h5").exists()
+    # A finished file made with other settings is neither skipped silently nor overwritten.
+    summary = run_embed(cfg.replace(inputs=[str(cohort[0])], tile_size=32), progress=False, log=None)
+    assert (summary.skipped, summary.failed) == (0, 1)
+    with open(out / "errors.csv") as f:
+        assert "other settings (tile_size 64 != 32)" in f.read()
+    assert (out / f"{cohort[0].stem}.h5").stat().st_mtime_ns == mtimes[cohort[0].stem]
+
+
+def test_cls_mean_patch_tokens_and_flexi_patch_sizes(cohort, tmp_path):
+    one = [cohort[1]]
+    cfg = embed_config(one, tmp_path / "a", pooling="cls+mean", save_patch_tokens=True, max_tiles=6,
+                       workers=0)
+    run_embed(cfg, progress=False, log=None)
+    d = read_slide_h5(tmp_path / "a" / f"{cohort[1].stem}.h5")
+    assert d["features"].shape == (6, 256) and d["attrs"]["pooling"] == "cls+mean"
+    assert d["attrs"]["num_tissue_tiles"] > 6
+    assert d["patch_tokens"].shape == (6, 16, 128) and d["patch_tokens"].dtype == np.float16
+    mean_tok = d["patch_tokens"].astype(np.float32).mean(1)
+    np.testing.assert_allclose(mean_tok, d["features"][:, 128:], atol=1e-2)
+    encoder = load_model(cfg, torch.device("cpu"))
+    ref = _reference(cohort[1], d["coords"], encoder, pooling="cls+mean")
+    np.testing.assert_allclose(d["features"], ref, rtol=1e-4, atol=1e-4)
+    # PLUTO-4S presets at every FlexiViT patch size (3 tiles each to stay fast).
+    for p in (8, 16, 32):
+        cfg = embed_config(one, tmp_path / f"p{p}", model="pluto4s", patch_size=p, max_tiles=3, workers=0,
+                           pooling="cls+mean")
+        run_embed(cfg, progress=False, log=None)
+        with h5py.File(tmp_path / f"p{p}" / f"{cohort[1].stem}.h5") as f:
+            assert f["features"].shape == (3, 768) and f.attrs["patch_size"] == p
+            assert np.isfinite(f["features"][()]).all()
+
+
+def test_config_errors_are_one_line(cohort, tmp_path):
+    from openpluto.errors import OpenPlutoError
+
+    with pytest.raises(OpenPlutoError, match="divisible"):
+        run_embed(embed_config(cohort[:1], tmp_path, patch_size=24), progress=False, log=None)
+    with pytest.raises(OpenPlutoError, match="does not exist"):
+        run_embed(embed_config([tmp_path / "nope"], tmp_path), progress=False, log=None)
+    with pytest.raises(OpenPlutoError, match="patch sizes"):
+        run_embed(embed_config(cohort[:1], tmp_path, tile_size=56, patch_size=14), progress=False, log=None)
+
+
+def test_embedder_bf16_autocast_close_to_fp32(cohort):
+    cfg = embed_config(cohort[:1], "unused")
+    encoder = load_model(cfg, torch.device("cpu"))
+    batch = torch.randint(0, 256, (4, 3, TILE, TILE), dtype=torch.uint8)
+    f32, _ = TileEmbedder(encoder, torch.device("cpu"), 16, "cls", "fp32")(batch)
+    b16, _ = TileEmbedder(encoder, torch.device("cpu"), 16, "cls", "bf16")(batch)
+    assert f32.dtype == b16.dtype == np.float32
+    cos = (f32 * b16).sum(1) / np.linalg.norm(f32, axis=1) / np.linalg.norm(b16, axis=1)
+    assert cos.min() > 0.98
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "openpluto.cli.main", "embed", *args]
+
+
+def _cli_args(cfg, out) -> list[str]:
+    return [*cfg.inputs, "--model", cfg.model, "--out", str(out), "--mpp", str(cfg.mpp), "--tile-size",
+            str(cfg.tile_size), "--batch-size", str(cfg.batch_size), "--workers", "1", "--threads", "1",
+            "--no-pictures", "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+
+
+def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
+    cfg, ref_dir, _ = embedded
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "openpluto.cli.main", "embed", *_cli_args(cfg, out)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*.h5")) == sorted(f"{p.stem}.h5" for p in cohort)
+    for p in cohort:
+        a, b = read_slide_h5(ref_dir / f"{p.stem}.h5"), read_slide_h5(out / f"{p.stem}.h5")
+        assert set(a) == set(b)
+        for k in a:
+            if k != "attrs":
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        assert a["attrs"] == b["attrs"]
+    assert (out / "errors.csv").read_text().strip() == "slide,error"
+    assert "embedded 3 slide(s)" in r.stdout
+
+
+def test_killed_run_resumes_to_one_complete_file_per_slide(cohort, tmp_path):
+    out = tmp_path / "killed"
+    cfg = embed_config([cohort[0].parent], out, batch_size=4)
+    proc = subprocess.Popen(_cli(*_cli_args(cfg, out)), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    killed_mid_slide = False
+    deadline = time.time() + 180
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if list(out.glob("*.h5")) and list(out.glob(".*.h5.tmp")):  # 1st slide done, 2nd in progress
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_mid_slide = True
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_mid_slide, "the run finished before it could be killed"
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    assert list(out.glob(".*.h5.tmp"))  # the kill left a partial temp file ...
+    summary = run_embed(cfg, progress=False, log=None)
+    assert summary.skipped == len(done_before) and summary.embedded == 3 - len(done_before)
+    assert not list(out.glob(".*.tmp"))  # ... which the rerun removed
+    files = sorted(out.glob("*.h5"))
+    assert [p.name for p in files] == sorted(f"{p.stem}.h5" for p in cohort)
+    assert all(is_complete(p) for p in files)
+    assert {n: (out / n).stat().st_mtime_ns for n in done_before} == done_before

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from openpluto.cli.main import main
+
+FAST = ["--mpp", "1", "2", "--tile-size", "128", "--tiles-per-slide", "4", "--workers", "2", "--no-qc"]
+
+
+def test_tiles_over_the_real_folder(wsi_dir, tmp_path, capsys):
+    out = tmp_path / "real"
+    assert main(["tiles", str(wsi_dir), "--out", str(out), *FAST]) == 0
+    errors = {r["slide"]: r for r in csv.DictReader(Path(out / "errors.csv").read_text().splitlines())}
+    failed = {k for k, r in errors.items() if r["kind"] != "warning"}
+    assert failed == {"broken", "unreadable", "pathml-small_dicom", "tcga-cr-7395-01a-01-ts1", "kidney-48-5"}
+    assert "--mpp-override" in errors["tcga-cr-7395-01a-01-ts1"]["error"]
+    assert all("\n" not in r["error"] and r["path"].split("/")[-1] in r["error"] for r in errors.values())
+    done = {p.stem for p in (out / "done").glob("*.json")}
+    assert done == {"CMU-1-Small-Region", "test3-DAPI-2-387", "wsi2dcm-jpeg", "boxes"}
+    ndpi = json.loads((out / "done" / "test3-DAPI-2-387.json").read_text())
+    assert ndpi["levels"] == {"1": 2, "2": 3} and ndpi["n_tiles"] == 8
+    assert "failed" in capsys.readouterr().out
+
+
+def test_tcga_with_override_and_ndpi_all_four_mpps(wsi_dir, tmp_path):
+    out = tmp_path / "o"
+    args = [
+        "tiles",
+        str(wsi_dir / "tcga-cr-7395-01a-01-ts1.svs"),
+        str(wsi_dir / "test3-DAPI-2-387.ndpi"),
+        "--out",
+        str(out),
+        "--mpp",
+        "0.25",
+        "0.5",
+        "1",
+        "2",
+        "--tile-size",
+        "64",
+        "--tiles-per-slide",
+        "2",
+        "--mpp-override",
+        "0.5",
+        "--no-qc",
+    ]
+    assert main(args) == 0
+    tcga = json.loads((out / "done" / "tcga-cr-7395-01a-01-ts1.json").read_text())
+    assert tcga["mpp_source"] == "override" and tcga["n_tiles"] > 0
+    assert tcga["levels"] == {"0.5": 0, "1": 1, "2": 1}  # 0.25 refused: finer than the 0.5 override
+    ndpi = json.loads((out / "done" / "test3-DAPI-2-387.json").read_text())
+    assert ndpi["mpp_source"] == "metadata"
+    assert ndpi["levels"] == {"0.25": 0, "0.5": 1, "1": 2, "2": 3}
+    assert all(v == 2 for v in ndpi["tiles"].values())
+
+
+def test_tissue_command(wsi_dir, tmp_path, capsys):
+    out = tmp_path / "t"
+    rc = main(
+        [
+            "tissue",
+            str(wsi_dir / "CMU-1-Small-Region.svs"),
+            str(wsi_dir / "corrupt" / "broken.svs"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    for suffix in ("_mask.png", "_overlay.png", ".geojson", ".json"):
+        assert (out / f"CMU-1-Small-Region{suffix}").is_file()
+    fc = json.loads((out / "CMU-1-Small-Region.geojson").read_text())
+    assert fc["type"] == "FeatureCollection" and fc["features"]
+    rows = list(csv.DictReader(Path(out / "errors.csv").read_text().splitlines()))
+    assert [r["slide"] for r in rows] == ["broken"]
+    assert "CMU-1-Small-Region" in capsys.readouterr().out
+
+
+def test_bad_flag_value_is_one_line_error(tmp_path, capsys):
+    assert main(["tiles", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.svs: no such slide file or folder" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openpluto.slide import TilesConfig, open_slide
+from openpluto.slide.synthetic import load_truth
+from openpluto.slide.tiles import run_tiles
+
+FAST = dict(mpp=(0.5, 1.0), tile_size=(128,), shard_size=40, workers=2, timeout=120)
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    """All samples of all shards: key -> {"jpg": bytes, "json": dict, "shard": name}."""
+    samples: dict[str, dict] = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            for m in tf:
+                key, ext = m.name.split(".", 1)
+                d = samples.setdefault(key, {"shard": shard.name})
+                assert ext not in d, f"duplicate {m.name}"
+                data = tf.extractfile(m).read()
+                d[ext] = json.loads(data) if ext == "json" else data
+    return samples
+
+
+@pytest.fixture(scope="module")
+def tiled(synth_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiles")
+    summary = run_tiles([synth_cohort[0].parent], out, TilesConfig(**FAST), progress=False)
+    return out, summary
+
+
+def test_shards_manifest_and_summary(tiled, synth_cohort):
+    out, summary = tiled
+    assert summary["slides_ok"] == 3 and summary["slides_failed"] == 0
+    samples = _samples(out)
+    rows = list(csv.DictReader(Path(out / "manifest.csv").read_text().splitlines()))
+    assert len(rows) == len(samples) == summary["tiles_total"] > 0
+    assert {r["key"] for r in rows} == set(samples)
+    assert all(len(_samples_in(out, s)) <= FAST["shard_size"] for s in (out / "shards").glob("*.tar"))
+    meta = next(iter(samples.values()))["json"]
+    assert {"slide", "x", "y", "mpp", "size", "level", "tissue_fraction"} <= set(meta)
+    assert json.loads((out / "summary.json").read_text())["tiles_total"] == len(rows)
+    assert (out / "qc" / "slide_000_overlay.png").is_file() and (out / "qc" / "slide_000.geojson").is_file()
+    assert (out / "qc" / "mosaic_mpp0.5.png").is_file()
+    assert not list((out / "shards").glob(".partial/*/*"))
+    # The 0.25 µm/px slide tiles 0.5 from level 1 and 1.0 from level 2; the 0.5 one from levels 0 and 1.
+    levels = {(m["json"]["slide"], m["json"]["mpp"]): m["json"]["level"] for m in samples.values()}
+    assert levels[("slide_001", 0.5)] == 1 and levels[("slide_001", 1.0)] == 2
+    assert levels[("slide_000", 0.5)] == 0 and levels[("slide_000", 1.0)] == 1
+
+
+def _samples_in(out, shard):
+    with tarfile.open(shard) as tf:
+        return {m.name.split(".")[0] for m in tf}
+
+
+def test_every_tile_is_usable_tissue_at_its_mpp(tiled, synth_cohort):
+    out, _ = tiled
+    samples = _samples(out)
+    truths = {p.stem: load_truth(p) for p in synth_cohort}
+    slides = {p.stem: open_slide(p) for p in synth_cohort}
+    rng = np.random.default_rng(0)
+    for key in rng.choice(sorted(samples), min(40, len(samples)), replace=False):
+        s = samples[key]
+        m = s["json"]
+        truth = truths[m["slide"]]
+        size_l0 = m["size"] * m["mpp"] / truth.mpp
+        assert truth.usable_fraction(m["x"], m["y"], size_l0) >= 0.3
+        img = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB")).astype(float)
+        assert img.shape == (m["size"], m["size"], 3)
+        # Same pixels as the level-0 region box-averaged to the claimed mpp.
+        k = int(round(size_l0))
+        ref = slides[m["slide"]].read_level(0, m["x"], m["y"], k, k)
+        ref = np.asarray(Image.fromarray(ref).resize((m["size"],) * 2, Image.Resampling.BOX)).astype(float)
+        assert np.abs(img - ref).mean() < 10.0
+    for s in slides.values():
+        s.close()
+
+
+def test_rerun_skips_finished_slides(tiled, synth_cohort):
+    out, first = tiled
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")}
+    again = run_tiles([synth_cohort[0].parent], out, TilesConfig(**FAST), progress=False)
+    assert again["slides_skipped_already_done"] == 3 and again["tiles_total"] == first["tiles_total"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == before
+
+
+def test_killed_run_then_rerun_has_no_duplicates_or_partials(synth_cohort, tmp_path, tiled):
+    out = tmp_path / "killed"
+    # The `openpluto tiles` command, without importing the other stages' CLI modules (fast start).
+    runner = (
+        "import argparse, sys; from openpluto.cli import slide; p = argparse.ArgumentParser(); "
+        "slide.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        runner,
+        "tiles",
+        str(synth_cohort[0].parent),
+        "--out",
+        str(out),
+        "--mpp",
+        "0.5",
+        "1.0",
+        "--tile-size",
+        "128",
+        "--shard-size",
+        "40",
+        "--workers",
+        "1",
+        "--no-qc",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    t0 = time.time()
+    # Kill once the first slide is done and the second is being written.
+    while time.time() - t0 < 90 and not list((out / "done").glob("*.json")):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # Simulate the worst case too: an orphan final shard of an unfinished slide.
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "shards" / "slide_002-000000.tar").write_bytes(b"partial garbage")
+    rc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rc.returncode == 0, rc.stderr
+    ref_keys = set(_samples(tiled[0]))
+    keys = set(_samples(out))
+    rows = list(csv.DictReader(Path(out / "manifest.csv").read_text().splitlines()))
+    assert keys == ref_keys and len(rows) == len(keys) == len({r["key"] for r in rows})
+    assert not list((out / "shards").glob(".partial/*/*"))

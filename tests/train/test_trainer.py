@@ -1,0 +1,260 @@
+"""End-to-end pretraining on generated tiles: logs, non-finite handling, kill -9 + resume, export, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import write_folder, write_shards
+
+from openpluto.cli.main import main as cli_main
+from openpluto.train.checkpoint import load_checkpoint
+from openpluto.train.config import load_train_config
+from openpluto.train.metrics import read_metrics
+from openpluto.train.trainer import NonFiniteLossError, pretrain
+
+REPO = Path(__file__).resolve().parents[2]
+
+# cpu-tiny shrunk further so a step takes a fraction of a second on 2 busy cores.
+TINY = [
+    "model_overrides.depth=2",
+    "model_overrides.embed_dim=64",
+    "model_overrides.num_heads=2",
+    "ssl.crops.global_size=32",
+    "ssl.crops.local_size=16",
+    "ssl.crops.n_local=2",
+    "ssl.crops.augment.steps=[flip,rot90]",
+    "ssl.heads.out_dim=128",
+    "ssl.heads.hidden_dim=64",
+    "ssl.heads.bottleneck_dim=32",
+    "patch_sizes=[8,16]",
+    "patch_size_probs=null",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "log.log_every=1",
+    "log.progress=false",
+    "schedule.warmup_steps=2",
+    "schedule.freeze_last_layer_steps=1",
+    "optim.base_lr=2e-3",
+]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("tiles"), 24, per_shard=10, size=48)
+
+
+def _cfg(data: Path, *extra: str):
+    return load_train_config("cpu-tiny", [*TINY, f"data.path={data}", *extra])
+
+
+def _rows(run: Path) -> dict[int, dict[str, float]]:
+    return {int(r["step"]): r for r in read_metrics(run / "metrics.csv")}
+
+
+def test_short_run_logs_everything_and_exports(shards, tmp_path):
+    run = tmp_path / "run"
+    summary = pretrain(_cfg(shards, "max_steps=4", "log.checkpoint_every=2"), run)
+    assert summary["steps"] == 4 and summary["nonfinite_skipped"] == 0
+    rows = _rows(run)
+    assert sorted(rows) == [1, 2, 3, 4]
+    for key in (
+        "total",
+        "dino_local",
+        "dino_global",
+        "ibot",
+        "koleo",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "patch_size",
+        "grad_norm",
+        "images_per_s",
+        "teacher_entropy",
+        "student_feat_std",
+    ):
+        assert key in rows[4], key
+    assert {rows[s]["patch_size"] for s in rows} <= {8.0, 16.0}
+    assert rows[1]["lr"] == 0.0 and rows[3]["lr"] > 0  # warm-up from 0
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 4 and ck["data_position"] == 4
+    assert any(k.startswith("teacher.backbone.") for k in ck["model"])
+
+    # export the teacher backbone; it loads with load_pretrained and equals the checkpoint's teacher
+    from openpluto.model import load_pretrained
+
+    assert cli_main(["export", str(run), "--out", str(tmp_path / "model")]) == 0
+    model = load_pretrained(tmp_path / "model")
+    sd = model.state_dict()
+    for k, v in ck["model"].items():
+        if k.startswith("teacher.backbone."):
+            assert torch.equal(sd[k[len("teacher.backbone.") :]], v)
+
+    # a second run into the same dir without --resume is refused with a one-line error
+    assert cli_main(["pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run)]) == 2
+
+
+def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
+    from openpluto.ssl import SSLMetaArch
+
+    real = SSLMetaArch.forward
+    calls = {"n": 0}
+
+    def flaky(self, batch, *a, **k):
+        out = real(self, batch, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 1 or calls["n"] >= 3:  # one bad step, a good one, then bad for ever
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SSLMetaArch, "forward", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
+        pretrain(
+            _cfg(
+                shards,
+                "max_steps=20",
+                "log.checkpoint_every=1",
+                "max_nonfinite_in_row=2",
+                "log.tensorboard=false",
+            ),
+            run,
+        )
+    rows = _rows(run)
+    assert rows[1]["skipped"] == 1 and rows[2]["skipped"] == 1 and rows[3]["skipped"] == 2
+    assert 4 not in rows  # the run stopped inside step 4
+    ck = load_checkpoint(run / "checkpoint.pt")
+    assert ck["step"] == 3 and ck["nonfinite_skipped"] == 2
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("training did not reach the kill step in time")
+
+
+def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
+    extra = ["max_steps=4", "log.checkpoint_every=2", "log.tensorboard=false"]
+    ref = tmp_path / "ref"
+    pretrain(_cfg(shards, *extra), ref)
+    want = _rows(ref)
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "openpluto.cli.main",
+        "pretrain",
+        "--config",
+        "cpu-tiny",
+        "--data",
+        str(shards),
+        "--out",
+        str(run),
+        *TINY,
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_row(run / "metrics.csv", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = load_checkpoint(run / "checkpoint.pt")
+    assert 2 <= ck["step"] < 4
+
+    summary = pretrain(load_train_config(run / "config.yaml"), run, resume=True)
+    assert summary["start_step"] == ck["step"] and summary["steps"] == 4
+    got = _rows(run)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for key in ("total", "dino_local", "dino_global", "ibot", "koleo", "patch_size", "lr", "grad_norm"):
+            assert got[step][key] == want[step][key], (step, key)
+
+
+def test_sigterm_writes_a_checkpoint_and_image_folder_input(tmp_path, monkeypatch):
+    from openpluto.ssl import SSLMetaArch
+
+    real = SSLMetaArch.forward
+    calls = {"n": 0}
+
+    def forward_then_sigterm(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before preemption
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SSLMetaArch, "forward", forward_then_sigterm)
+    data = write_folder(tmp_path / "imgs", 12, size=48)
+    run = tmp_path / "run"
+    summary = pretrain(_cfg(data, "max_steps=500", "log.checkpoint_every=1000", "log.tensorboard=false"), run)
+    assert summary["stopped_by_signal"] and summary["steps"] == 2
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 2
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert (
+        cli_main(["pretrain", "--config", "nope", "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "pretrain",
+                "--config",
+                "cpu-tiny",
+                "--data",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "r"),
+                "optim.lrr=1",
+            ]
+        )
+        == 2
+    )
+    assert "optim.lrr" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "pretrain",
+                "--config",
+                "cpu-tiny",
+                "--data",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_presets_load_with_paper_settings():
+    s, g = load_train_config("pluto4s"), load_train_config("pluto4g")
+    assert (
+        s.global_batch_size == 1536
+        and s.patch_sizes == (8, 16, 32)
+        and s.model_overrides["num_registers"] == 4
+    )
+    assert g.global_batch_size == 1024 and g.data.batch_size == 32 and g.patch_sizes == (14,)
+    assert g.model_overrides["num_registers"] == 4 and g.accum_steps(32) == 1 and g.accum_steps(8) == 4
+    assert s.optim.clip_grad == g.optim.clip_grad == 3.0 and s.dist.bucket_cap_mb == 360
+    g.ssl.check_patch_sizes(g.patch_sizes)
+    s.ssl.check_patch_sizes(s.patch_sizes)
