@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -27,8 +30,8 @@ from openpluto.cli.report import Figure, Section, write_report
 from openpluto.errors import OpenPlutoError
 
 PRESET = "cpu-tiny"
-RANDOM_BASELINE = "vit_micro_flexi"  # the architecture of cpu-tiny, at random init
 MODEL_DIR_NAME = "pluto-cpu-tiny"
+RANDOM_DIR_NAME = "random-init-cpu-tiny"  # the same architecture (config.json), random weights
 
 
 def _step(i: int, n: int, title: str) -> None:
@@ -62,6 +65,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     if not (model_dir / "model.safetensors").is_file():
         cli(["export", str(out / "run"), "--out", str(model_dir)], log)
 
+    random_dir = _random_twin(model_dir, out / RANDOM_DIR_NAME, cfg.seed)
+
     _step(6, n, "whole-slide embeddings")
     cli(["embed", str(slides), "--model", str(model_dir), "--out", str(out / "embeddings"),
          "--mpp", str(cfg.mpp[-1]), "--tile-size", str(cfg.tile_size), "--workers", str(min(cfg.workers, 2)),
@@ -70,12 +75,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     _step(7, n, "PCA feature maps: pretrained vs random init")
     figs = out / "figures"
     first_slide = sorted(p for p in slides.iterdir() if p.suffix in (".tiff", ".tif", ".svs", ".ndpi"))[0]
-    for label, model in (("pretrained", str(model_dir)), ("random", RANDOM_BASELINE)):
+    for label, model in (("pretrained", str(model_dir)), ("random", str(random_dir))):
         cli(["embed-pca", str(first_slide), "--model", model, "--out", str(figs / f"pca_{label}.png"),
              "--mpp", str(cfg.mpp[0]), "--size", "256", "--patch-size", "8"], log)
 
     _step(8, n, "evaluation: kNN and linear probe on held-out labelled tiles")
-    results = _evaluate(cfg, out, model_dir, log)
+    results = _evaluate(cfg, out, model_dir, random_dir, log)
 
     summary = {
         "n_slides": tiles_summary.get("slides_ok", 0),
@@ -115,31 +120,55 @@ def _pretrain(cfg: DemoConfig, out: Path, log: Path) -> int:
     done = run / "demo_done.json"
     if done.is_file():
         return int(json.loads(done.read_text())["steps"])
+    if (run / "checkpoint.pt").is_file():  # a demo killed during pretraining: continue that run
+        cli(["pretrain", "--out", str(run), "--resume"], log)
+        steps = int(read_metrics(run / "metrics.csv")[-1]["step"])
+        done.write_text(json.dumps({"steps": steps}) + "\n")
+        return steps
     calib = out / "run_calibration"
     shutil.rmtree(calib, ignore_errors=True)
-    calib_steps = 6
+    calib_steps = 8
     t0 = time.time()
     cli(["pretrain", "--config", PRESET, "--data", str(out / "tiles"), "--out", str(calib),
          "--max-steps", str(calib_steps), f"seed={cfg.seed}", "log.log_every=1"], log)
-    rows = read_metrics(calib / "metrics.csv")
-    per_step = (time.time() - t0) / calib_steps
-    times = [r.get("step_time") or r.get("time_per_step") for r in rows[2:]]
-    times = [t for t in times if t]
-    if times:
-        per_step = sum(times) / len(times)
+    times = [r["step_time_s"] for r in read_metrics(calib / "metrics.csv")[1:] if r.get("step_time_s")]
+    per_step = sum(times) / len(times) if times else (time.time() - t0) / calib_steps
     shutil.rmtree(calib, ignore_errors=True)
     steps = max(20, int(cfg.minutes * 60 / max(per_step, 1e-3)))
     print(f"one step takes {per_step:.2f} s here: pretraining for {steps} steps")
-    warmup = max(2, min(100, steps // 10))
-    cli(["pretrain", "--config", PRESET, "--data", str(out / "tiles"), "--out", str(run),
-         "--max-steps", str(steps), f"seed={cfg.seed}", f"schedule.warmup_steps={warmup}",
-         f"schedule.teacher_temp_warmup_steps={max(2, min(300, steps // 4))}",
-         f"schedule.freeze_last_layer_steps={max(1, min(50, steps // 20))}"], log)
+    # Safety net: the trainer checkpoints and stops cleanly on SIGTERM, so a slower machine than the
+    # calibration suggested still finishes the demo in time (the schedules are then cut short).
+    timer = threading.Timer(cfg.minutes * 60 * 1.5 + 30, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.daemon = True
+    timer.start()
+    try:
+        cli(["pretrain", "--config", PRESET, "--data", str(out / "tiles"), "--out", str(run),
+             "--max-steps", str(steps), f"seed={cfg.seed}",
+             f"schedule.warmup_steps={max(2, min(100, steps // 10))}",
+             f"schedule.teacher_temp_warmup_steps={max(2, min(300, steps // 3))}",
+             f"schedule.freeze_last_layer_steps={max(1, min(50, steps // 20))}"], log)
+    finally:
+        timer.cancel()
+    rows = read_metrics(run / "metrics.csv")
+    steps = int(rows[-1]["step"]) if rows else steps
     done.write_text(json.dumps({"steps": steps}) + "\n")
     return steps
 
 
-def _evaluate(cfg: DemoConfig, out: Path, model_dir: Path, log: Path) -> list[dict]:
+def _random_twin(model_dir: Path, dst: Path, seed: int) -> Path:
+    """A model dir with ``model_dir``'s exact architecture and random weights: the fair baseline."""
+    import torch
+
+    from openpluto.model import build_model, save_pretrained
+    from openpluto.model.hub import read_config
+
+    if not (dst / "model.safetensors").is_file():
+        torch.manual_seed(seed)
+        save_pretrained(build_model(read_config(model_dir)), dst)
+    return dst
+
+
+def _evaluate(cfg: DemoConfig, out: Path, model_dir: Path, random_dir: Path, log: Path) -> list[dict]:
     from openpluto.slide.synthetic import make_synthetic_patch_dataset
 
     ev = out / "eval"
@@ -150,7 +179,7 @@ def _evaluate(cfg: DemoConfig, out: Path, model_dir: Path, log: Path) -> list[di
                                      mpp=cfg.mpp[0], seed=cfg.seed + 1000)
     common = ["--data", str(data), "--resize", str(cfg.eval_size), "--cache-dir", str(ev / "cache")]
     files = []
-    for label, model in (("pretrained", str(model_dir)), ("random", RANDOM_BASELINE)):
+    for label, model in (("pretrained", str(model_dir)), ("random", str(random_dir))):
         knn = ev / f"knn_{label}.json"
         lin = ev / f"linear_{label}.json"
         cli(["eval", "knn", "--model", model, *common, "--task", "knn synthetic tissue",
@@ -193,7 +222,7 @@ def _report(cfg: DemoConfig, out: Path, summary: dict) -> Path:
     if errors.is_file():
         with open(errors) as f:
             n_err = max(0, sum(1 for _ in csv.reader(f)) - 1)
-    table = [["task", f"pretrained ({MODEL_DIR_NAME})", f"random init ({RANDOM_BASELINE})"]]
+    table = [["task", f"pretrained ({MODEL_DIR_NAME})", f"random init ({RANDOM_DIR_NAME})"]]
     for r in summary["results"]:
         better = r["pretrained_mean"] > r["random_mean"]
         table.append([r["task"], f"**{r['pretrained']}**" if better else r["pretrained"],

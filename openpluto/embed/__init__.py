@@ -4,36 +4,23 @@
 image-folder counterpart (``embed_images``) lives in ``openpluto.embed.images``.
 """
 
-from openpluto.embed.config import EmbedConfig, PcaPictureConfig
-from openpluto.embed.dataset import SlideTileDataset, tile_loader
-from openpluto.embed.distributed import DistInfo, init_distributed, shard
-from openpluto.embed.pipeline import (
-    EmbedSummary,
-    SlidePlan,
-    TileEmbedder,
-    embed_slide,
-    find_slides,
-    plan_slide,
-    run_embed,
-)
-from openpluto.embed.writer import is_complete, open_slide_h5, read_slide_h5
+import importlib
+from typing import Any
 
-__all__ = [
-    "DistInfo",
-    "EmbedConfig",
-    "EmbedSummary",
-    "PcaPictureConfig",
-    "SlidePlan",
-    "SlideTileDataset",
-    "TileEmbedder",
-    "embed_slide",
-    "find_slides",
-    "init_distributed",
-    "is_complete",
-    "open_slide_h5",
-    "plan_slide",
-    "read_slide_h5",
-    "run_embed",
-    "shard",
-    "tile_loader",
-]
+# Public names -> defining module. Imported lazily (PEP 562) so that `openpluto --help`, which reads
+# EmbedConfig, does not pay for importing torch.
+_EXPORTS = {
+    "EmbedConfig": "config", "PcaPictureConfig": "config",
+    "SlideTileDataset": "dataset", "tile_loader": "dataset",
+    "DistInfo": "distributed", "init_distributed": "distributed", "shard": "distributed",
+    "EmbedSummary": "pipeline", "SlidePlan": "pipeline", "TileEmbedder": "pipeline",
+    "embed_slide": "pipeline", "find_slides": "pipeline", "plan_slide": "pipeline", "run_embed": "pipeline",
+    "is_complete": "writer", "open_slide_h5": "writer", "read_slide_h5": "writer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'openpluto.embed' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"openpluto.embed.{_EXPORTS[name]}"), name)

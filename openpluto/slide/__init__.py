@@ -1,19 +1,19 @@
 """openpluto.slide: read slides at a target µm/px, tissue and artifact masks, tiles, synthetic slides."""
 
-from openpluto.slide.config import TilesConfig, TissueConfig
-from openpluto.slide.mpp import MppOverrides, resolve_mpp
-from openpluto.slide.reader import Slide, SlideError, open_slide
-from openpluto.slide.tissue import TissueResult, detect_tissue, grid_tiles
+import importlib
+from typing import Any
 
-__all__ = [
-    "MppOverrides",
-    "Slide",
-    "SlideError",
-    "TilesConfig",
-    "TissueConfig",
-    "TissueResult",
-    "detect_tissue",
-    "grid_tiles",
-    "open_slide",
-    "resolve_mpp",
-]
+# Public names -> defining module, imported lazily (PEP 562) to keep `openpluto --help` fast.
+_EXPORTS = {
+    "TilesConfig": "config", "TissueConfig": "config",
+    "MppOverrides": "mpp", "resolve_mpp": "mpp",
+    "Slide": "reader", "SlideError": "reader", "open_slide": "reader",
+    "TissueResult": "tissue", "detect_tissue": "tissue", "grid_tiles": "tissue",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'openpluto.slide' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"openpluto.slide.{_EXPORTS[name]}"), name)
