@@ -74,3 +74,21 @@ def test_argparse_bridge_keeps_defaults_for_unset_flags():
     add_config_args(parser, Cfg)
     cfg = config_from_args(Cfg, parser.parse_args(["--sizes", "8", "32", "--flag", "--mode", "cls+mean"]))
     assert cfg.sizes == (8, 32) and cfg.flag and cfg.mode == "cls+mean" and cfg.depth == 2
+
+
+def test_atomic_path_renames_only_on_success_with_normal_permissions(tmp_path):
+    import os
+
+    from openpluto.io import atomic_path
+
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
+    assert not target.exists() and not list(tmp_path.iterdir())
+    with atomic_path(target) as tmp:
+        tmp.write_text("done")
+    assert target.read_text() == "done"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

@@ -1,4 +1,4 @@
-"""The demo end to end (slow), and its report writer (fast)."""
+"""The demo end to end with a minimal budget, and its report writer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from openpluto.cli.main import main
@@ -45,8 +44,8 @@ def test_demo_rejects_a_missing_slides_folder(tmp_path, capsys):
     assert "--slides" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
+    """The whole loop with a minimal budget (about a minute on 2 cores)."""
     out = tmp_path / "demo"
     rc = main(["demo", "--out", str(out), "--minutes", "0.5", "--n-slides", "2", "--slide-size", "2048",
                "--patches-per-class", "8", "--eval-runs", "2", "--eval-steps", "100"])
