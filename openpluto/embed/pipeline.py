@@ -89,20 +89,10 @@ class SlidePlan:
     total_tiles: int = 0  # before --max-tiles
 
 
-def read_level(slide: Any, mpp: float, tolerance: float = 0.05) -> tuple[int, float]:
-    """(level, downsample) a reader would use: the coarsest level at least as fine as ``mpp``."""
-    chooser = getattr(slide, "best_level_for_mpp", None) or getattr(slide, "level_for_mpp", None)
-    if callable(chooser):
-        try:
-            lvl = int(chooser(mpp, allow_upsample=True))
-            return lvl, float(slide.level_downsamples[lvl])
-        except Exception:  # noqa: BLE001 - fall back to the rule below
-            pass
-    best = 0
-    for i, ds in enumerate(slide.level_downsamples):
-        if slide.mpp * ds <= mpp * (1 + tolerance):
-            best = i
-    return best, float(slide.level_downsamples[best])
+def read_level(slide: Any, mpp: float) -> tuple[int, float]:
+    """(level, downsample) that ``Slide.read`` uses for ``mpp``: the coarsest level at least as fine."""
+    level = slide.level_for_mpp(mpp, allow_upsample=True)
+    return level, float(slide.level_downsamples[level])
 
 
 def plan_slide(path: Path, cfg: EmbedConfig) -> SlidePlan:
@@ -115,9 +105,7 @@ def plan_slide(path: Path, cfg: EmbedConfig) -> SlidePlan:
             raise OpenPlutoError(f"{path}: no µm/px in the slide metadata; give --mpp-override VALUE or "
                                  "a CSV slide,mpp")
         # Refuse upsampling (or a bad mpp) before the costly tissue detection.
-        level_for = getattr(slide, "level_for_mpp", None)
-        if callable(level_for):
-            level_for(cfg.mpp, allow_upsample=cfg.allow_upsample)
+        slide.level_for_mpp(cfg.mpp, allow_upsample=cfg.allow_upsample)
         result = detect_tissue(slide)
         grid = np.asarray(grid_tiles(slide, result, cfg.mpp, cfg.tile_size, min_tissue=cfg.min_tissue))
         grid = grid.reshape(-1, 3)
