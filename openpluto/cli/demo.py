@@ -36,7 +36,7 @@ class DemoConfig:
     mpp: tuple[float, ...] = field(default=(0.5, 1.0), metadata={"help": "tile resolutions, µm/px"})
     tile_size: int = field(default=128, metadata={"help": "tile side in px"})
     patches_per_class: int = field(
-        default=100, metadata={"help": "held-out labelled tiles per tissue class for evaluation"})
+        default=300, metadata={"help": "held-out labelled tiles per tissue class for evaluation"})
     eval_size: int = field(
         default=64, metadata={"help": "evaluation input size, px (cpu-tiny trains at 64)"})
     eval_runs: int = field(default=3, metadata={"help": "linear-probe runs (mean ± std)"})

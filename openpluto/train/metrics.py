@@ -12,6 +12,29 @@ LOSS_KEYS = ("total", "dino_local", "dino_global", "ibot", "koleo")
 MONITOR_KEYS = ("teacher_entropy", "student_feat_std")
 
 
+def collapse_warning(values: dict[str, float], n_prototypes: int, step: int) -> str | None:
+    """A one-line warning when the collapse monitors of a logged step look wrong, else None.
+
+    - ``teacher_entropy`` above 97% of ``ln(n_prototypes)``: the teacher targets are almost uniform,
+      so the student is only taught to output uniform scores (the run learns nothing);
+    - ``student_feat_std`` below 1e-3: every image gets the same (L2-normalised) CLS token.
+    """
+    entropy, std = values.get("teacher_entropy"), values.get("student_feat_std")
+    uniform = math.log(max(int(n_prototypes), 2))
+    if entropy is not None and math.isfinite(entropy) and entropy > 0.97 * uniform:
+        return (
+            f"warning: step {step}: teacher targets are near uniform (entropy {entropy:.2f} of "
+            f"ln {n_prototypes} = {uniform:.2f}); lower schedule.teacher_temp(_start) or raise "
+            "optim.base_lr, or this run will not learn"
+        )
+    if std is not None and math.isfinite(std) and std < 1e-3:
+        return (
+            f"warning: step {step}: student features have collapsed (std {std:.2g} over the batch); "
+            "lower optim.base_lr or raise ssl.loss.koleo_weight, then --resume from an earlier run"
+        )
+    return None
+
+
 class MetricsLog:
     """Append one row of scalars per logged step to CSV (+ TensorBoard).
 

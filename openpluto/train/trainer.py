@@ -57,7 +57,7 @@ from openpluto.train.distributed import (
     shard_fsdp2,
     wrap_ddp,
 )
-from openpluto.train.metrics import MetricsLog, plot_loss_curve
+from openpluto.train.metrics import MetricsLog, collapse_warning, plot_loss_curve
 from openpluto.train.optim import apply_schedule, build_optimizer, param_groups
 from openpluto.train.patch_sizes import patch_size_for_step
 from openpluto.train.schedules import Schedules, scaled_lr
@@ -304,6 +304,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, info: DistInfo, MultiCro
     meta.teacher.eval()
     data_iter = iter(loader)
     in_row, step, stopped, last_vals, patches_used = 0, start_step, False, {}, []
+    warned = False
     t_start = time.perf_counter()
     with _StopFlag() as stop:
         while step < cfg.max_steps:
@@ -379,6 +380,13 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, info: DistInfo, MultiCro
                 log.log(step, last_vals)
                 if step % cfg.log.plot_every == 0:
                     plot_loss_curve(out_dir)
+                # After the teacher-temperature warm-up, warn once if the monitors show a run that
+                # cannot learn (uniform targets) or has collapsed (identical features).
+                if not warned and step >= max(sched.teacher_temp_warmup_steps, sched.warmup_steps):
+                    msg = collapse_warning(sums, cfg.ssl.heads.out_dim, step)
+                    if msg:
+                        warned = True
+                        print(msg, file=sys.stderr)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(

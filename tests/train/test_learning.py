@@ -1,4 +1,5 @@
-"""Slow: ~10 minutes of ``cpu-tiny`` on synthetic tissue tiles beats random init on held-out kNN accuracy."""
+"""Slow: ``cpu-tiny`` (300 steps, ~5-10 minutes on 2 cores) on synthetic tissue tiles beats random init
+on held-out kNN accuracy, by a margin well outside the spread of the random-init baselines."""
 
 from __future__ import annotations
 
@@ -25,12 +26,17 @@ def test_cpu_tiny_learns_knn_above_random_init(tmp_path):
             "--max-steps",
             "300",
             "--minutes",
-            "10",
+            "15",
         ],
         env=env,
         check=True,
         timeout=1800,
     )
     res = json.loads((tmp_path / "knn.json").read_text())
+    assert res["steps"] >= 250, res  # the run was not cut short by the time limit
+    # 360 held-out tiles; the random-init draws (the trained model's own init among them) span ~0.03.
     assert res["knn_acc_trained_p16"] > res["knn_acc_random_p16"] + 0.05, res
+    assert res["knn_acc_trained_p16"] > max(res["knn_acc_random_p16_runs"]) + 0.03, res
+    assert res["knn_acc_trained_p8"] > res["knn_acc_random_p8"] + 0.02, res
+    assert res["linear_acc_trained_p16"] > res["linear_acc_random_p16"], res
     assert res["last_losses"]["student_feat_std"] > 0.01  # no collapse

@@ -258,3 +258,27 @@ def test_presets_load_with_paper_settings():
     assert s.optim.clip_grad == g.optim.clip_grad == 3.0 and s.dist.bucket_cap_mb == 360
     g.ssl.check_patch_sizes(g.patch_sizes)
     s.ssl.check_patch_sizes(s.patch_sizes)
+
+
+def test_collapse_warning_names_the_symptom_and_the_fix():
+    from openpluto.train.metrics import collapse_warning
+
+    k = 256  # ln 256 = 5.55
+    assert collapse_warning({"teacher_entropy": 4.2, "student_feat_std": 0.08}, k, 100) is None
+    msg = collapse_warning({"teacher_entropy": 5.5, "student_feat_std": 0.08}, k, 100)
+    assert "near uniform" in msg and "teacher_temp" in msg and "step 100" in msg
+    msg = collapse_warning({"teacher_entropy": 3.0, "student_feat_std": 1e-5}, k, 7)
+    assert "collapsed" in msg and "step 7" in msg
+
+
+def test_hot_teacher_run_warns_once_that_it_cannot_learn(shards, tmp_path, capsys):
+    # At teacher temperature 1 the cosine logits give almost uniform targets: the trainer must say so.
+    hot = ["schedule.teacher_temp_start=1.0", "schedule.teacher_temp=1.0",
+           "schedule.teacher_temp_warmup_steps=1"]
+    pretrain(_cfg(shards, "max_steps=4", *hot), tmp_path / "hot")
+    err = capsys.readouterr().err
+    assert err.count("teacher targets are near uniform") == 1, err
+    cold = ["schedule.teacher_temp_start=0.01", "schedule.teacher_temp=0.01",
+            "schedule.teacher_temp_warmup_steps=1"]
+    pretrain(_cfg(shards, "max_steps=4", *cold), tmp_path / "cold")
+    assert "near uniform" not in capsys.readouterr().err
