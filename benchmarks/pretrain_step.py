@@ -83,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     params = [p for g in groups for p in g["params"]]
     tf = MultiCropTransform(cfg.ssl.crops, backbone.cfg.mean, backbone.cfg.std)
     B = cfg.data.batch_size
-    loader = build_loader(
-        samples, tf, collate_multicrop, B, 0, 0, 1, 0, args.workers, 2, device.type == "cuda"
-    )
-    it = iter(loader)
+
+    def new_loader():
+        return iter(build_loader(
+            samples, tf, collate_multicrop, B, 0, 0, 1, 0, args.workers, 2, device.type == "cuda"
+        ))
+
+    it = new_loader()
     ps = args.patch_size
     ac = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     rows = []
@@ -160,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     med["losses_centering"] = max(med["meta_fwd_bwd"] - med["teacher_net"] - med["student_net"], 0.0)
     bare = med["teacher_bare"] + med["student_bare"]
     # data loader alone (a fresh loader, its start-up excluded)
-    it = iter(build_loader(
-        samples, tf, collate_multicrop, B, 0, 0, 1, 0, args.workers, 2, device.type == "cuda"
-    ))
+    it = new_loader()
     next(it)
     n_batches = max(4, args.steps)
     t = time.perf_counter()

@@ -42,6 +42,11 @@ def _child(conn, fn: Callable, args: tuple) -> None:
         conn.close()
 
 
+def _crashed(key: str, exitcode: int | None, seconds: float) -> Outcome:
+    """The Outcome of a worker process that died without sending a result."""
+    return Outcome(key, False, error=f"worker crashed (exit code {exitcode})", kind="crash", seconds=seconds)
+
+
 def _context():
     methods = mp.get_all_start_methods()
     return mp.get_context("fork" if "fork" in methods else "spawn")
@@ -87,25 +92,13 @@ def run_isolated(
                         out = None
                     if out is None:
                         p.join(5)
-                        out = Outcome(
-                            key,
-                            False,
-                            error=f"worker crashed (exit code {p.exitcode})",
-                            kind="crash",
-                            seconds=elapsed,
-                        )
+                        out = _crashed(key, p.exitcode, elapsed)
                     p.join(10)
                     if p.is_alive():
                         p.kill()
                         p.join()
                 elif not p.is_alive():
-                    out = Outcome(
-                        key,
-                        False,
-                        error=f"worker crashed (exit code {p.exitcode})",
-                        kind="crash",
-                        seconds=elapsed,
-                    )
+                    out = _crashed(key, p.exitcode, elapsed)
                 elif elapsed > timeout:
                     p.kill()
                     p.join()

@@ -303,8 +303,7 @@ def _run(cfg: TrainConfig, out_dir: Path, resume: bool, info: DistInfo, MultiCro
     meta.student.train()
     meta.teacher.eval()
     data_iter = iter(loader)
-    in_row, step, stopped, last_vals, patches_used = 0, start_step, False, {}, []
-    warned = False
+    in_row, step, stopped, warned, last_vals, patches_used = 0, start_step, False, False, {}, []
     t_start = time.perf_counter()
     with _StopFlag() as stop:
         while step < cfg.max_steps:
