@@ -117,7 +117,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from openpluto.slide.synthetic import make_synthetic_slide
+    from openpluto.demo.synthetic import make_synthetic_slide
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="embed_bench_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_protocols.py --n-per-class 167 --out benchmarks/results/eval_protocols.json
 
-Data: ``openpluto.slide.synthetic.make_synthetic_patch_dataset`` (6 classes x 167 = 1,002 tiles at
+Data: ``openpluto.demo.synthetic.make_synthetic_patch_dataset`` (6 classes x 167 = 1,002 tiles at
 224 px, split 60/20/20). Encoder: ``pluto4s`` with random weights (timings do not depend on them),
 patch 16. Protocols run with their published defaults, except segmentation, whose 2,000 decoder
 steps (batch 64 at 224 px) are timed over ``--seg-steps`` steps and extrapolated. ABMIL uses the
@@ -56,6 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from openpluto.demo.synthetic import make_synthetic_patch_dataset
     from openpluto.embed.images import ImageRecords
     from openpluto.eval.abmil import train_abmil
     from openpluto.eval.data import load_encoder_seeded
@@ -64,7 +65,6 @@ def main() -> None:
     from openpluto.eval.metrics import balanced_accuracy
     from openpluto.eval.regression import ridge_fold
     from openpluto.eval.segmentation import ConvDecoderWithImage, _scores, train_segmentation
-    from openpluto.slide.synthetic import make_synthetic_patch_dataset
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="eval_bench_"))
     data = work / "patches"

@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="extra cpu-tiny overrides key=value")
     args = ap.parse_args(argv)
 
+    from openpluto.demo.synthetic import make_synthetic_patch_dataset
     from openpluto.model import build_model, load_pretrained
-    from openpluto.slide.synthetic import make_synthetic_patch_dataset
     from openpluto.train.config import load_train_config
     from openpluto.train.export import export_teacher
     from openpluto.train.trainer import pretrain

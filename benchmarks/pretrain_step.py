@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     use_bf16 = device.type == "cuda"
     data = args.data
     if data is None:
-        from openpluto.slide.synthetic import make_synthetic_patch_dataset
+        from openpluto.demo.synthetic import make_synthetic_patch_dataset
 
         data = Path(tempfile.mkdtemp(prefix="bench_tiles_"))
         make_synthetic_patch_dataset(data, n_per_class=20, size=max(96, cfg.ssl.crops.global_size), seed=0)

@@ -30,8 +30,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from openpluto.demo.synthetic import make_synthetic_slide  # noqa: E402
 from openpluto.slide import TissueConfig, detect_tissue, grid_tiles, open_slide  # noqa: E402
-from openpluto.slide.synthetic import make_synthetic_slide  # noqa: E402
 
 NDPI = REPO.parent / "shared" / "data" / "wsi" / "test3-DAPI-2-387.ndpi"
 

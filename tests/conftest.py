@@ -1,4 +1,4 @@
-"""Shared fixtures: the real data beside the checkout (skipped cleanly when absent)."""
+"""Shared fixtures: real data beside the checkout (skipped cleanly when absent), small synthetic slides."""
 
 from __future__ import annotations
 
@@ -33,6 +33,29 @@ def patches_dir(shared_data: Path) -> Path:
     if not d.is_dir():
         pytest.skip(f"real patches not present at {d}")
     return d
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic")
+
+
+@pytest.fixture(scope="session")
+def synth_slide(synth_dir: Path):
+    """(path, truth) of a 2048 px synthetic slide at 0.5 µm/px with pen, blur and fold."""
+    from openpluto.demo.synthetic import make_synthetic_slide
+
+    path = synth_dir / "big" / "synth.tiff"
+    truth = make_synthetic_slide(path, size=2048, mpp=0.5, seed=3)
+    return path, truth
+
+
+@pytest.fixture(scope="session")
+def synth_cohort(synth_dir: Path) -> list[Path]:
+    """Three small slides (1024 px; 0.25 and 0.5 µm/px) for pipeline tests."""
+    from openpluto.demo.synthetic import make_synthetic_cohort
+
+    return make_synthetic_cohort(synth_dir / "cohort", n_slides=3, seed=1, size=1024, mpp=(0.5, 0.25))
 
 
 def pytest_configure(config) -> None:

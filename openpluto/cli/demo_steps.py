@@ -102,7 +102,7 @@ def _slides(cfg: DemoConfig, out: Path) -> Path:
             raise OpenPlutoError(f"--slides {src} is not a folder of slides")
         print(f"using your slides in {src}")
         return src
-    from openpluto.slide.synthetic import make_synthetic_cohort
+    from openpluto.demo.synthetic import make_synthetic_cohort
 
     dst = out / "slides"
     if not (dst.is_dir() and len(list(dst.glob("*.tiff"))) >= cfg.n_slides):
@@ -169,7 +169,7 @@ def _random_twin(model_dir: Path, dst: Path, seed: int) -> Path:
 
 
 def _evaluate(cfg: DemoConfig, out: Path, model_dir: Path, random_dir: Path, log: Path) -> list[dict]:
-    from openpluto.slide.synthetic import make_synthetic_patch_dataset
+    from openpluto.demo.synthetic import make_synthetic_patch_dataset
 
     ev = out / "eval"
     data = ev / "heldout_tiles"

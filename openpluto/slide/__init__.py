@@ -1,4 +1,4 @@
-"""openpluto.slide: read slides at a target µm/px, tissue and artifact masks, tiles, synthetic slides."""
+"""openpluto.slide: read slides at a target µm/px, tissue and artifact masks, tiles."""
 
 import importlib
 from typing import Any

@@ -11,7 +11,7 @@ from _embed_utils import SLIDE_MPP, SLIDE_SIZE
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> list[Path]:
     """Three synthetic slides in one folder (different seeds; the truth .npz sits beside each)."""
-    from openpluto.slide.synthetic import make_synthetic_slide
+    from openpluto.demo.synthetic import make_synthetic_slide
 
     root = tmp_path_factory.mktemp("cohort")
     paths = []

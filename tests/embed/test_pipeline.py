@@ -42,8 +42,8 @@ def embedded(cohort, tmp_path_factory):
 
 
 def test_cohort_files_coords_on_tissue_and_features_equal_model(embedded, cohort):
+    from openpluto.demo.synthetic import load_truth
     from openpluto.slide import detect_tissue, open_slide
-    from openpluto.slide.synthetic import load_truth
 
     cfg, out, summary = embedded
     assert (summary.embedded, summary.failed, summary.skipped) == (3, 0, 0)

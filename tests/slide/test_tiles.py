@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from openpluto.demo.synthetic import load_truth
 from openpluto.slide import TilesConfig, open_slide
-from openpluto.slide.synthetic import load_truth
 from openpluto.slide.tiles import run_tiles
 
 FAST = dict(mpp=(0.5, 1.0), tile_size=(128,), shard_size=40, workers=2, timeout=120)

@@ -6,7 +6,7 @@ from scipy import ndimage as ndi
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from openpluto.slide.synthetic import TISSUE_CLASSES, load_truth, make_synthetic_patch_dataset
+from openpluto.demo.synthetic import TISSUE_CLASSES, load_truth, make_synthetic_patch_dataset
 
 
 def test_truth_saved_beside_slide(synth_slide):
