@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -202,7 +203,7 @@ def test_sigterm_writes_a_checkpoint_and_image_folder_input(tmp_path, monkeypatc
     data = write_folder(tmp_path / "imgs", 12, size=48)
     run = tmp_path / "run"
     summary = pretrain(_cfg(data, "max_steps=500", "log.checkpoint_every=1000", "log.tensorboard=false"), run)
-    assert summary["stopped_by_signal"] and summary["steps"] == 2
+    assert summary["stopped_by"] == "signal" and summary["steps_done"] == 2
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 2
 
 
@@ -282,3 +283,65 @@ def test_hot_teacher_run_warns_once_that_it_cannot_learn(shards, tmp_path, capsy
             "schedule.teacher_temp_warmup_steps=1"]
     pretrain(_cfg(shards, "max_steps=4", *cold), tmp_path / "cold")
     assert "near uniform" not in capsys.readouterr().err
+
+
+ALL_AUGMENT = "ssl.crops.augment.steps=[flip,rot90,hed,color,grayscale,blur,solarize]"
+
+
+def test_time_limit_stops_cleanly_and_resume_with_full_augmentation_is_exact(shards, tmp_path):
+    """Every augmentation step on (drawn in workers, applied batched); a run cut by --max-minutes and
+    resumed with a loader worker equals an uninterrupted run without workers, step for step."""
+    extra = ["max_steps=4", "log.checkpoint_every=100", "log.tensorboard=false", ALL_AUGMENT]
+    ref = tmp_path / "ref"
+    pretrain(_cfg(shards, *extra), ref)
+    want = _rows(ref)
+
+    run = tmp_path / "cut"
+    argv = ["pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run), *TINY, *extra]
+    assert cli_main([*argv, "--max-minutes", "1e-6"]) == 0  # a time limit is a clean stop
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_minutes" and summary["steps_done"] == 1
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    assert sorted(_rows(run)) == [1] and _rows(run)[1]["lr"] == want[1]["lr"]  # schedules follow max_steps
+
+    resumed = pretrain(load_train_config(run / "config.yaml", ["max_minutes=null", "data.num_workers=1"]),
+                       run, resume=True)
+    assert resumed["stopped_by"] == "max_steps" and resumed["steps_done"] == 4 and resumed["start_step"] == 1
+    got = _rows(run)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for key in ("total", "dino_local", "dino_global", "ibot", "koleo", "grad_norm", "teacher_entropy"):
+            assert got[step][key] == want[step][key], (step, key)
+
+
+def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path, capsys):
+    data = write_folder(tmp_path / "one", 1, size=48)
+    run = tmp_path / "run"
+    rc = cli_main(["pretrain", "--config", "cpu-tiny", "--data", str(data), "--out", str(run), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(data) in err[0] and "1 image(s), fewer than one batch of 4" in err[0]
+    assert "data.batch_size" in err[0]  # the fix
+    assert not run.exists()  # nothing created before the input was checked
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_exits_nonzero(shards, tmp_path, sig, code):
+    """As a scheduler does: the signal goes to the whole process group (loader workers too); the
+    trainer finishes its step, checkpoints and exits 128 + signal, so `pretrain && export` stops."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "openpluto.cli.main", "pretrain", "--config", "cpu-tiny", "--data",
+           str(shards), "--out", str(run), *TINY, "max_steps=500", "data.num_workers=1",
+           "log.checkpoint_every=1000", "log.tensorboard=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_row(run / "metrics.csv", 1, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal" and summary["signal"] == int(sig)
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    assert 1 <= step == summary["steps_done"] < 500
+    assert f"stopped by {signal.Signals(sig).name}" in err
