@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tifffile
 
 from openpluto.cli.main import main
 
@@ -37,22 +36,6 @@ def slides(tmp_path_factory) -> dict[str, Path]:
         make_synthetic_slide(p, size=512, mpp=0.5, seed=seed, pen=False, blur=False, fold=False)
         out[key] = p
     return out
-
-
-def huge_header_tiff(path: Path) -> Path:
-    """A 16 x 16 px tiled TIFF whose header claims 200,000 x 200,000 px (a bit-flipped size)."""
-    tifffile.imwrite(
-        path,
-        np.full((16, 16, 3), 200, np.uint8),
-        tile=(16, 16),
-        photometric="rgb",
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
-    with tifffile.TiffFile(path, mode="r+b") as tf:
-        tf.pages[0].tags["ImageWidth"].overwrite(200_000)
-        tf.pages[0].tags["ImageLength"].overwrite(200_000)
-    return path
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -151,8 +134,8 @@ def test_a_changed_slide_file_is_done_again(slides, tmp_path):
 # ----------------------------------------------------------------------------- case 4 and 5
 
 
-def test_huge_header_and_oversized_tile_fail_fast_with_one_line(slides, tmp_path, capsys):
-    huge = huge_header_tiff(tmp_path / "huge.tiff")
+def test_huge_header_and_oversized_tile_fail_fast_with_one_line(slides, tmp_path, capsys, huge_header_tiff):
+    huge = huge_header_tiff
     for stage, extra in (("tissue", []), ("tiles", FAST)):
         out = tmp_path / stage
         assert main([stage, str(huge), "--out", str(out), "--timeout", "120", *extra]) == 1
