@@ -21,6 +21,26 @@ class SlideRef:
     path: Path
 
 
+@dataclasses.dataclass(frozen=True)
+class SlideJob:
+    """What a worker needs to know about its slide: id, path, identity, the settings to record and
+    its µm/px override (picklable)."""
+
+    slide_id: str
+    path: str
+    identity: dict
+    settings: dict
+    mpp_override: float | None = None
+
+    def record(self) -> dict:
+        """The fields every per-slide output record starts with."""
+        from openpluto.jobs.outputs import settings_fingerprint
+
+        return {"slide": self.slide_id, "slide_id": self.slide_id, "path": self.path,
+                "identity": self.identity, "settings": self.settings,
+                "settings_fingerprint": settings_fingerprint(self.settings)}
+
+
 @dataclasses.dataclass
 class Cohort:
     """All slides of the run (``slides``), this shard's share (``mine``) and the skipped entries."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from openpluto.errors import ConfigError
-from openpluto.jobs.cohort import Cohort, SlideRef, done_state
+from openpluto.jobs.cohort import Cohort, SlideJob, SlideRef, done_state
 from openpluto.jobs.outputs import error_row, other_settings_message, slide_message
 from openpluto.jobs.slides import slide_identity
 
@@ -21,6 +21,10 @@ class Todo:
     slides: list[tuple[SlideRef, dict, dict]]
     already: list[str]
     notes: list[str]
+
+    def jobs(self, override_key: str = "mpp_override") -> list[SlideJob]:
+        """One :class:`SlideJob` per slide to do (its override is ``settings[override_key]``)."""
+        return [SlideJob(r.id, str(r.path), ident, s, s.get(override_key)) for r, ident, s in self.slides]
 
 
 def plan_todo(

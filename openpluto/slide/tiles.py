@@ -34,7 +34,7 @@ from PIL import Image
 
 from openpluto.config import from_dict, to_dict
 from openpluto.io import atomic_path, write_json_atomic, write_text_atomic
-from openpluto.jobs.outputs import part_name, read_csv_union, settings_fingerprint
+from openpluto.jobs.outputs import part_name, read_csv_union
 from openpluto.jobs.slides import SLIDE_EXTENSIONS
 from openpluto.slide.config import TilesConfig, TissueConfig
 
@@ -199,41 +199,29 @@ def _write_tiles(
     return rows
 
 
-def tile_slide(
-    path: str,
-    out: str,
-    slide_id: str,
-    cfg_dict: dict,
-    tissue_dict: dict,
-    mpp_override: float | None,
-    identity: dict | None = None,
-    settings: dict | None = None,
-) -> dict:
-    """Tile one slide into ``out`` (run inside a worker process); return its record (``done/<id>.json``)."""
+def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
+    """Tile one slide (a :class:`openpluto.jobs.cohort.SlideJob`) into ``out`` (run inside a worker
+    process); return its record (``done/<id>.json``)."""
     from openpluto.slide import geojson, qc
     from openpluto.slide.reader import open_slide
     from openpluto.slide.tissue import detect_tissue
 
     t0 = time.time()
+    path, slide_id = job.path, job.slide_id
     cfg = from_dict(TilesConfig, cfg_dict)
     tcfg = from_dict(TissueConfig, tissue_dict)
     out_p = Path(out)
     shards_dir = out_p / "shards"
     partial = shards_dir / ".partial" / slide_id
     _forget_slide(out_p, slide_id)
-    with open_slide(path, mpp_override=mpp_override) as slide:
+    with open_slide(path, mpp_override=job.mpp_override) as slide:
         result = detect_tissue(slide, tcfg)
         t_mask = time.time() - t0
         sets, warnings = plan_tiles(slide, result, cfg, slide_id)
         rows = _write_tiles(slide, path, slide_id, sets, cfg, partial)
         counts = {f"{m:g}um_{s}px": len(c) for m, s, _, c in sets}
         record = {
-            "slide": slide_id,
-            "slide_id": slide_id,
-            "path": str(path),
-            "identity": identity,
-            "settings": settings,
-            "settings_fingerprint": settings_fingerprint(settings or {}),
+            **job.record(),
             "status": "ok",
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
@@ -350,11 +338,7 @@ def run_tiles(
     report_skipped(cohort.skipped, say)
     for n in todo.notes:
         say(n)
-    base = (str(out),)
-    jobs = [
-        (r.id, (str(r.path), *base, r.id, to_dict(cfg), to_dict(tissue_cfg), s["mpp_override"], ident, s))
-        for r, ident, s in todo.slides
-    ]
+    jobs = [(j.slide_id, (j, str(out), to_dict(cfg), to_dict(tissue_cfg))) for j in todo.jobs()]
     paths = {r.id: r.path for r in cohort.mine}
     _, errors = run_slides(
         "tiles", tile_slide, jobs, paths, cfg.workers, cfg.timeout, progress, say,

@@ -14,29 +14,23 @@ from pathlib import Path
 
 from openpluto.config import from_dict, to_dict
 from openpluto.io import write_json_atomic
-from openpluto.jobs.outputs import part_name, settings_fingerprint
+from openpluto.jobs.outputs import part_name
 from openpluto.slide.config import TissueConfig
 
 
-def tissue_one(
-    path: str,
-    out: str,
-    slide_id: str,
-    tissue_dict: dict,
-    mpp_override: float | None,
-    identity: dict | None = None,
-    settings: dict | None = None,
-) -> dict:
-    """Write ``<id>_mask.png``, ``_overlay.png``, ``.geojson`` and ``.json`` into ``out``."""
+def tissue_one(job, out: str, tissue_dict: dict) -> dict:
+    """Write ``<id>_mask.png``, ``_overlay.png``, ``.geojson`` and ``.json`` of one slide (a
+    :class:`openpluto.jobs.cohort.SlideJob`) into ``out``."""
     from openpluto.slide import geojson, qc
     from openpluto.slide.reader import open_slide
     from openpluto.slide.tissue import detect_tissue
 
     t0 = time.time()
+    slide_id = job.slide_id
     cfg = from_dict(TissueConfig, tissue_dict)
     out_p = Path(out)
     (out_p / f"{slide_id}.json").unlink(missing_ok=True)
-    with open_slide(path, mpp_override=mpp_override, require_mpp=False) as slide:
+    with open_slide(job.path, mpp_override=job.mpp_override, require_mpp=False) as slide:
         r = detect_tissue(slide, cfg)
         mpp_txt = f"{slide.mpp:.4g} um/px" if slide.mpp else "no mpp"
         qc.save_overlay(out_p / f"{slide_id}_overlay.png", r, title=f"{slide_id}  ({mpp_txt})")
@@ -44,12 +38,7 @@ def tissue_one(
         masks = {"tissue": r.tissue, **{k: v for k, v in r.artifacts.items() if v.any()}}
         geojson.write_geojson(out_p / f"{slide_id}.geojson", masks, r.downsample, slide_id)
         info = {
-            "slide": slide_id,
-            "slide_id": slide_id,
-            "path": str(path),
-            "identity": identity,
-            "settings": settings,
-            "settings_fingerprint": settings_fingerprint(settings or {}),
+            **job.record(),
             "mpp": slide.mpp,
             "downsample": r.downsample,
             "mask_shape": list(r.tissue.shape),
@@ -113,10 +102,7 @@ def run_tissue(
     report_skipped(cohort.skipped, say)
     for n in todo.notes:
         say(n)
-    jobs = [
-        (r.id, (str(r.path), str(out), r.id, to_dict(cfg), s["mpp_override"], ident, s))
-        for r, ident, s in todo.slides
-    ]
+    jobs = [(j.slide_id, (j, str(out), to_dict(cfg))) for j in todo.jobs()]
     values, errors = run_slides(
         "tissue", tissue_one, jobs, {r.id: r.path for r in cohort.mine}, workers, timeout, progress, say
     )
