@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from openpluto.config import save_yaml, to_dict
 from openpluto.errors import OpenPlutoError
@@ -54,7 +55,7 @@ from openpluto.train.checkpoint import (
     set_rng_state,
 )
 from openpluto.train.config import TrainConfig
-from openpluto.train.data import DataError, StepMasks, TileSamples, _mix, build_loader, find_samples
+from openpluto.train.data import DataError, StepMasks, _mix, build_loader, find_samples
 from openpluto.train.distributed import (
     DistInfo,
     any_across_ranks,
@@ -248,7 +249,7 @@ def pretrain(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> dic
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def _training_samples(cfg: TrainConfig, info: DistInfo) -> TileSamples:
+def _training_samples(cfg: TrainConfig, info: DistInfo) -> Dataset:
     """The data's samples; fewer than one global micro-batch cannot train anything and is refused."""
     samples = find_samples(cfg.data.path, cfg.data.image_keys)
     need = cfg.data.batch_size * info.world_size
@@ -324,7 +325,7 @@ def _resume(cfg: TrainConfig, ckpt_path: Path, run: _Run, info: DistInfo) -> _Pr
                      skipped_total=int(ckpt.get("nonfinite_skipped", 0)))
 
 
-def _data(cfg: TrainConfig, run: _Run, progress: _Progress, samples: TileSamples, info: DistInfo):
+def _data(cfg: TrainConfig, run: _Run, progress: _Progress, samples: Dataset, info: DistInfo):
     """(endless loader of this rank's micro-batches from the checkpointed position, batch augmenter).
 
     Workers decode and crop (uint8), draw the augmentation parameters and the iBOT masks; the
@@ -373,7 +374,7 @@ def _open_logs(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, 
 # ---------------------------------------------------------------------------------------------- loop
 
 
-def _train(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, samples: TileSamples,
+def _train(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, samples: Dataset,
            info: DistInfo, t_start: float) -> dict[str, Any]:
     """Steps until ``max_steps``, the time limit or a signal; checkpoints; returns the summary."""
     loader, augment = _data(cfg, run, progress, samples, info)
