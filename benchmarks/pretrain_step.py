@@ -55,12 +55,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process)."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    return out, time.perf_counter() - t
+    return out, time.perf_counter() - t, time.process_time() - c
 
 
 def synthetic_tiles(tile_size: int, n_per_class: int = 20) -> Path:
@@ -209,19 +210,24 @@ def measure_step(preset: str, batch_size: int, patch_size: int, device: str = "a
     parts = {"step": full_step, "meta_fwd_bwd": meta_fwd_bwd, "teacher_net": teacher_net,
              "student_net": student_net, "teacher_bare": teacher_bare, "student_bare": student_bare,
              "optim": optim_only, "ema": lambda b: meta.update_teacher(0.996)}
-    rows = []
+    rows, cpu_rows = [], []
     for i, cpu_batch in enumerate(_prepared_batches(cfg, ps, warmup + steps, dev)):
-        batch, t_aug = _timed(partial(augment, cpu_batch, dev), dev)
-        r = {"augment": t_aug}
+        batch, t_aug, c_aug = _timed(partial(augment, cpu_batch, dev), dev)
+        r, c = {"augment": t_aug}, {"augment": c_aug}
         for name, fn in parts.items():
-            r[name] = _timed(partial(fn, batch), dev)[1]
+            _, r[name], c[name] = _timed(partial(fn, batch), dev)
         if i >= warmup:
             rows.append(r)
+            cpu_rows.append(c)
     med = {k: float(np.median([r[k] for r in rows])) for k in rows[0]}
     med["losses_centering"] = max(med["meta_fwd_bwd"] - med["teacher_net"] - med["student_net"], 0.0)
     bare = med["teacher_bare"] + med["student_bare"]
     B = cfg.data.batch_size
     res: dict[str, Any] = {f"{k}_ms": round(1000 * v, 3) for k, v in med.items() if k != "meta_fwd_bwd"}
+    if dev.type == "cpu":  # CPU time is steadier than wall time on a shared machine (1 thread: exact)
+        cpu = {k: float(np.median([r[k] for r in cpu_rows])) for k in cpu_rows[0]}
+        res["cpu_ms"] = {k: round(1000 * v, 3) for k, v in cpu.items()}
+        res["overhead_cpu_time"] = round(cpu["step"] / (cpu["teacher_bare"] + cpu["student_bare"]), 4)
     res.update(
         preset=preset, batch_size=B, patch_size=ps, device=str(dev), bf16=use_bf16,
         threads=torch.get_num_threads(), steps=len(rows),
@@ -241,7 +247,9 @@ def measure_loader(preset: str, batch_size: int, workers: int, device: str = "au
     The loader runs alone (its start-up and first batch excluded) over ``batches`` batches. The step's
     consumption comes from ``step`` (a :func:`measure_step` result) or is measured here at
     ``patch_size``. Keys: ``images_per_s``, ``step_images_per_s``, ``ratio`` (= loader / step; goal
-    >= 1.5), ``workers``, ``batch_size``, ``patch_size``, ``device``, ``tile_px``.
+    >= 1.5), ``workers``, ``batch_size``, ``patch_size``, ``device``, ``tile_px``, and
+    ``worker_cpu_ms_per_image`` (one worker's CPU time per image, measured on one thread) with
+    ``workers_capacity_images_per_s`` (what ``workers`` processes deliver with a core each).
     """
     from openpluto.ssl import MultiCropTransform
     from openpluto.train.data import build_loader, find_samples
@@ -261,6 +269,15 @@ def measure_loader(preset: str, batch_size: int, workers: int, device: str = "au
         next(it)
     ips = batches * B / (time.perf_counter() - t)
     del it, loader
+    # One worker's CPU cost per image, measured in this process on one thread: what `workers` processes
+    # deliver at most with a core each (steady on a shared machine, unlike the wall time above).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    n_cpu = max(1, min(batches, 3))
+    c = time.process_time()
+    _prepared_batches(cfg, patch_size, n_cpu, torch.device("cpu"))
+    worker_ms = 1000 * (time.process_time() - c) / (n_cpu * B)
+    torch.set_num_threads(threads)
     return {
         "preset": preset,
         "images_per_s": round(ips, 2),
@@ -271,6 +288,8 @@ def measure_loader(preset: str, batch_size: int, workers: int, device: str = "au
         "patch_size": int(patch_size),
         "device": str(dev),
         "tile_px": _tile_size(cfg),
+        "worker_cpu_ms_per_image": round(worker_ms, 3),
+        "workers_capacity_images_per_s": round(int(workers) * 1000 / worker_ms, 1),
     }
 
 
