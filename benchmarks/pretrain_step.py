@@ -28,7 +28,9 @@ step for the CPU (on a 2-core machine they would double its time).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -71,6 +73,7 @@ def synthetic_tiles(tile_size: int, n_per_class: int = 20) -> Path:
     from PIL import Image
 
     root = Path(tempfile.mkdtemp(prefix=f"bench_tiles_{tile_size}_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     png = root / "png"
     try:
         from openpluto.demo.synthetic import make_synthetic_patch_dataset

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -208,44 +209,47 @@ def draw_params(
 ) -> dict[str, torch.Tensor]:
     """Random parameters of every step for one crop per entry of ``kinds`` (see :data:`PARAM_SPECS`).
 
-    Every crop takes the same fixed number of draws from ``generator`` (the global torch RNG if None),
-    so the draws of a sample depend only on the RNG state. A step missing from ``cfg.steps`` or with
-    probability 0 gets its flag False for every crop.
+    Every crop takes the same fixed number of uniform draws from ``generator`` (the global torch RNG
+    if None), so the draws of a sample depend only on the RNG state; they are turned into parameters
+    with numpy (a worker does this for every sample, so few small torch calls). A step missing from
+    ``cfg.steps`` or with probability 0 gets its flag False for every crop.
     """
     n = len(kinds)
     on = set(cfg.steps)
-    u = torch.rand(n, 14, generator=generator, dtype=torch.float64)
-    order = torch.argsort(torch.rand(n, 3, generator=generator), dim=1)
-    probs = torch.tensor([_kind_probs(cfg, k) for k in kinds], dtype=torch.float64).view(n, 2)
+    u = torch.rand(n, 23, generator=generator, dtype=torch.float64).numpy()
+    blur_p, solarize_p = np.array([_kind_probs(cfg, k) for k in kinds], dtype=np.float64).reshape(n, 2).T
 
-    def flag(col: int, p: float | torch.Tensor, step: str) -> torch.Tensor:
+    def flag(col: int, p: float | np.ndarray, step: str) -> np.ndarray:
         return (u[:, col] < p) & (step in on)
 
-    def uniform(col: torch.Tensor | int, lo: float, hi: float) -> torch.Tensor:
-        v = u[:, col] if isinstance(col, int) else col
-        return (lo + (hi - lo) * v).float()
+    def uniform(cols: int | slice, lo: float, hi: float) -> np.ndarray:
+        return (lo + (hi - lo) * u[:, cols]).astype(np.float32)
 
-    hed_u = torch.rand(n, 6, generator=generator, dtype=torch.float64)
-    sigma = cfg.hed_sigma
-    rotate = flag(2, cfg.rot90_p, "rot90")
-    return {
+    s = cfg.hed_sigma
+    rot = np.where(flag(2, cfg.rot90_p, "rot90"), np.minimum((u[:, 3] * 4).astype(np.int64), 3), 0)
+    out = {
         "flip_h": flag(0, cfg.flip_p, "flip"),
         "flip_v": flag(1, cfg.flip_p, "flip"),
-        "rot90": torch.where(rotate, (u[:, 3] * 4).long().clamp(max=3), 0),
-        "hed": flag(4, cfg.hed_p, "hed") & (sigma > 0),
-        "hed_scale": uniform(hed_u[:, :3], 1.0 - sigma, 1.0 + sigma),
-        "hed_shift": uniform(hed_u[:, 3:], -sigma, sigma),
+        "rot90": rot,
+        "hed": flag(4, cfg.hed_p, "hed") & (s > 0),
+        "hed_scale": uniform(slice(14, 17), 1.0 - s, 1.0 + s),
+        "hed_shift": uniform(slice(17, 20), -s, s),
         "color": flag(5, cfg.color_p, "color"),
         "brightness": uniform(6, *_factor_range(cfg.brightness)),
         "contrast": uniform(7, *_factor_range(cfg.contrast)),
         "saturation": uniform(8, *_factor_range(cfg.saturation)),
-        "color_order": order,
+        "color_order": np.argsort(u[:, 20:23], axis=1),  # a uniformly random order of the three
         "hue": uniform(9, -cfg.hue, cfg.hue),
         "grayscale": flag(10, cfg.grayscale_p, "grayscale"),
-        "blur": flag(11, probs[:, 0], "blur"),
+        "blur": flag(11, blur_p, "blur"),
         "blur_sigma": uniform(12, *cfg.blur_sigma),
-        "solarize": flag(13, probs[:, 1], "solarize"),
+        "solarize": flag(13, solarize_p, "solarize"),
     }
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=_NP_DTYPES[PARAM_SPECS[k][0]]))
+            for k, v in out.items()}
+
+
+_NP_DTYPES = {torch.bool: np.bool_, torch.int64: np.int64, torch.float32: np.float32}
 
 
 # ---------------------------------------------------------------------------------------- batched steps

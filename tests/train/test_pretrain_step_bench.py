@@ -20,6 +20,7 @@ def _bench():
 
 def test_measure_step_and_loader_on_cpu():
     bench = _bench()
+    bench.synthetic_tiles(96, n_per_class=2)  # a small folder, reused by both calls (cpu-tiny: 96 px tiles)
     step = bench.measure_step("cpu-tiny", 4, 16, "cpu", steps=2, warmup=1, overrides=SMALL)
     for key in ("step_ms", "bare_ms", "overhead", "augment_ms", "losses_centering_ms", "ema_ms",
                 "step_images_per_s"):

@@ -43,8 +43,8 @@ class IBOTPatchLoss(nn.Module):
             if student_logits.shape[0] == 0 or n_images == 0:
                 return student_logits.float().sum() * 0.0
             log_p = F.log_softmax(scaled_float(student_logits, self.student_temp), dim=-1)
-            # sum_k P[m, k] log p[m, k] as M dot products (no [M, K] product tensor)
-            per_token = torch.bmm(teacher_probs.float().unsqueeze(1), log_p.unsqueeze(2)).view(-1)  # [M]
             if weights is None:
                 weights = self.token_weights(masks)
-            return -(per_token * weights).sum() / n_images
+            # sum_m w_m sum_k P[m, k] log p[m, k] as one dot product over the M*K entries
+            weighted = teacher_probs.float() * weights.to(log_p.dtype)[:, None]
+            return -torch.dot(weighted.flatten(), log_p.flatten()) / n_images
