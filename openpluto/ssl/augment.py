@@ -144,9 +144,9 @@ def color_jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) 
     """Brightness, contrast and saturation of ``[N, 3, H, W]`` in [0, 1], in a per-image order.
 
     ``factors [N, 3]`` (brightness, contrast, saturation), ``order [N, 3]`` the operation ids in the
-    order applied. Each operation is torchvision's blend ``clamp(f*x + (1-f)*ref, 0, 1)`` with ``ref``
-    0 (brightness), the mean luma of the image (contrast) or the pixel's luma (saturation), so the
-    three ops of one position run as one batched blend.
+    order applied. Each operation is torchvision's blend of the image with ``ref``, clamped to [0, 1]:
+    ``ref`` is 0 (brightness), the mean luma of the image (contrast) or the pixel's luma (saturation),
+    so the three ops of one position run as one batched ``lerp(ref, x, f)``.
     """
     for j in range(order.shape[1]):
         op = order[:, j]
@@ -155,7 +155,7 @@ def color_jitter(img: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) 
         mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
         op = op.view(-1, 1, 1, 1)
         ref = torch.where(op == SATURATION, gray, torch.where(op == CONTRAST, mean, torch.zeros_like(mean)))
-        img = (img * f + ref * (1.0 - f)).clamp_(0.0, 1.0)
+        img = torch.lerp(ref.expand_as(img), img, f).clamp_(0.0, 1.0)
     return img
 
 
