@@ -40,10 +40,10 @@ from torch import nn
 
 from openpluto.distributed import unwrap
 from openpluto.errors import ConfigError, OpenPlutoError
-from openpluto.ssl.augment import to_device
 from openpluto.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from openpluto.ssl.config import SSLConfig
 from openpluto.ssl.heads import DINOHead
+from openpluto.ssl.image_ops import to_device
 from openpluto.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from openpluto.ssl.masking import sample_masks
 

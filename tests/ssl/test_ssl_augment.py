@@ -19,7 +19,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from openpluto.demo.synthetic import render_patch
 from openpluto.ssl import AugmentConfig, MultiCropTransform, SSLConfig, collate_multicrop, draw_params
-from openpluto.ssl.augment import BRIGHTNESS, CONTRAST, SATURATION, apply_steps, hue_rotation_matrix
+from openpluto.ssl.augment import apply_steps
+from openpluto.ssl.image_ops import BRIGHTNESS, CONTRAST, SATURATION, hue_rotation_matrix
 
 
 def _he_crops(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
@@ -191,3 +192,20 @@ def test_worker_output_depends_only_on_the_rng_seed():
     assert all(torch.equal(a[g][k], b[g][k]) for g in ("global_params", "local_params") for k in a[g])
     batch = collate_multicrop([a, b])
     assert batch["global_crops"].dtype == torch.uint8 and batch["global_params"]["hue"].shape == (4,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_views_on_the_gpu_equal_the_cpu_views():
+    """The batched steps give the same views on the GPU as on the CPU (to float rounding)."""
+    from openpluto.ssl import BatchAugment
+
+    cfg = SSLConfig().crops
+    tiles = [render_patch("tumour", 96, 0.5, np.random.default_rng(i)) for i in range(8)]
+    tr = MultiCropTransform(cfg)
+    torch.manual_seed(0)
+    batch = collate_multicrop([tr(t) for t in tiles])
+    augment = BatchAugment(cfg.augment, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cpu, gpu = augment(batch, "cpu"), augment(batch, "cuda")
+    for key in ("global_crops", "local_crops"):
+        assert gpu[key].device.type == "cuda"
+        assert torch.allclose(gpu[key].cpu(), cpu[key], atol=1e-4), (gpu[key].cpu() - cpu[key]).abs().max()

@@ -18,7 +18,8 @@ from openpluto.ssl import (
     collate_multicrop,
     draw_params,
 )
-from openpluto.ssl.augment import apply_steps, hed_jitter, hed_to_rgb, rgb_to_hed
+from openpluto.ssl.augment import apply_steps
+from openpluto.ssl.image_ops import hed_jitter, hed_to_rgb, rgb_to_hed
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -166,7 +167,7 @@ def test_views_png_layout_and_mask_tint(tmp_path):
 
 
 def test_hue_rotation_keeps_grey_and_luma_and_inverts():
-    from openpluto.ssl.augment import hue_rotation_matrix
+    from openpluto.ssl.image_ops import hue_rotation_matrix
 
     m = hue_rotation_matrix(0.05)
     grey = torch.full((3,), 0.4)
