@@ -11,9 +11,10 @@ Importable (``benchmarks/gpu_suite.py`` uses them):
   (``meta(batch)`` + backward + clip + AdamW + EMA; bf16 autocast on CUDA, fp32 on CPU) against the
   bare backbone passes of the same batch (teacher forward without grad + student forward/backward on
   the global and local crops, loss = sum of CLS): ``overhead = step_ms / bare_ms`` (issue #11 goal on a
-  GPU: <= 1.15 at ``pluto4s``; on CPU ``cpu-tiny`` <= 1.2). Also the split of the step (teacher SSLNet,
-  student SSLNet, losses + centering, optimizer, EMA) and ``augment_ms``, the batched augmentation on
-  the device that precedes each step.
+  GPU: <= 1.15 at ``pluto4s``; on CPU ``cpu-tiny`` <= 1.2). Also the split of the step (teacher and
+  student SSLNet: backbone + heads on the CLS and masked tokens; losses + centering, the rest of the
+  SSL forward/backward; optimizer; EMA) and ``augment_ms``, the batched augmentation on the device
+  that precedes each step.
 - ``measure_loader(preset, batch_size, workers, device, batches)``: the training input pipeline alone
   (``workers`` DataLoader processes decoding, cropping uint8, drawing augmentation parameters and iBOT
   masks; pinned on CUDA) in images/s, against the images/s the step consumes (``B / (step + augment)``)
@@ -147,6 +148,7 @@ def measure_step(preset: str, batch_size: int, patch_size: int, device: str = "a
     and the settings (``preset``, ``batch_size``, ``patch_size``, ``device``, ``bf16``, ``threads``).
     """
     from openpluto.ssl import BatchAugment
+    from openpluto.ssl.image_ops import to_device
     from openpluto.train.optim import apply_schedule, build_optimizer, param_groups
     from openpluto.train.trainer import build_meta
 
@@ -182,13 +184,20 @@ def measure_step(preset: str, batch_size: int, patch_size: int, device: str = "a
         losses["total"].backward()
         opt.zero_grad(set_to_none=True)
 
-    def teacher_net(batch):
+    def masks(batch):
+        if "masks" not in batch:
+            return None, None
+        return to_device(batch["masks"], dev), to_device(batch["mask_indices"], dev)
+
+    def teacher_net(batch):  # backbone + heads on the CLS and masked tokens, as in the step
+        m, idx = masks(batch)
         with torch.no_grad(), autocast():
-            meta.teacher(batch["global_crops"], None, None, ps)
+            meta.teacher(batch["global_crops"], None, m, ps, mask_inputs=False, mask_indices=idx)
 
     def student_net(batch):
+        m, idx = masks(batch)
         with autocast():
-            out = meta.student(batch["global_crops"], batch["local_crops"], None, ps)
+            out = meta.student(batch["global_crops"], batch["local_crops"], m, ps, mask_indices=idx)
         sum(v.float().sum() for v in out.values()).backward()
         opt.zero_grad(set_to_none=True)
 
