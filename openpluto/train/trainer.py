@@ -395,6 +395,8 @@ def _train(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, samp
             _update(cfg, run, progress, res, bad, out_dir)
             dt = time.perf_counter() - t0
             stop = "signal" if by_signal else ("max_minutes" if by_time else None)
+            if progress.step >= cfg.max_steps:
+                stop = None  # the run is complete whatever arrived during its last step
             if stop or _log_due(cfg, progress.step, start_step):
                 last = _row(res, progress, run, dt)
                 warned = _log(cfg, log, out_dir, progress.step, last, run, warned)
