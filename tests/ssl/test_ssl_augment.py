@@ -23,6 +23,16 @@ from openpluto.ssl.augment import apply_steps
 from openpluto.ssl.image_ops import BRIGHTNESS, CONTRAST, SATURATION, hue_rotation_matrix
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Thousands of tiny per-crop ops: one thread (on a loaded 2-core machine a parallel region of a
+    small op can wait a whole scheduler slice for its second thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _he_crops(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
     """``n`` uint8 H&E-like crops ``[n, 3, size, size]`` (synthetic tissue, several classes)."""
     rng = np.random.default_rng(seed)
