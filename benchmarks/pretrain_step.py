@@ -67,7 +67,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float, flo
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def synthetic_tiles(tile_size: int, n_per_class: int = 20) -> Path:
+def synthetic_tiles(tile_size: int, n_per_class: int = 8) -> Path:
     """A folder of ``6 * n_per_class`` synthetic H&E JPEG tiles of ``tile_size`` px (once per process)."""
     if tile_size in _TILE_DIRS:
         return _TILE_DIRS[tile_size]
