@@ -238,12 +238,20 @@ def pretrain(cfg: TrainConfig, out_dir: str | Path, resume: bool = False) -> dic
         raise OpenPlutoError("no training data; pass --data DIR (tile shards or an image folder)")
     info = init_distributed(cfg.dist.backend)
     try:
-        samples = _training_samples(cfg, info)
-        run = _set_up(cfg, info)
-        progress = _resume(cfg, ckpt_path, run, info) if resume and ckpt_path.is_file() else _Progress()
-        return _train(cfg, out_dir, run, progress, samples, info, t_start)
-    finally:
-        cleanup_distributed(info)
+        summary = _pretrain_in_group(cfg, out_dir, resume and ckpt_path.is_file(), info, t_start)
+    except BaseException:
+        cleanup_distributed(info, graceful=False)
+        raise
+    cleanup_distributed(info)  # the model (and its DDP reducer) already out of scope
+    return summary
+
+
+def _pretrain_in_group(cfg: TrainConfig, out_dir: Path, resume: bool, info: DistInfo,
+                       t_start: float) -> dict[str, Any]:
+    samples = _training_samples(cfg, info)
+    run = _set_up(cfg, info)
+    progress = _resume(cfg, out_dir / CHECKPOINT_NAME, run, info) if resume else _Progress()
+    return _train(cfg, out_dir, run, progress, samples, info, t_start)
 
 
 # ---------------------------------------------------------------------------------------------- set-up

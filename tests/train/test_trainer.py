@@ -138,15 +138,38 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines()):
-            return
+def _wait_for(done, proc: subprocess.Popen) -> None:
+    """Wait (however long the machine needs) until ``done()``; fail if the process ends first."""
+    while not done():
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
-    raise AssertionError("training did not reach the kill step in time")
+
+
+def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen) -> None:
+    def logged() -> bool:
+        return csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines())
+
+    _wait_for(logged, proc)
+
+
+# Runs the CLI with the trainer parked for good before step ``STOP`` (after the checkpoint of step
+# STOP - 1 was written), so the test kills it at a known point however fast or slow the machine is.
+_PARKED_CLI = """
+import sys, time, pathlib
+import openpluto.train.trainer as trainer
+from openpluto.cli.main import main
+stop, marker = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = trainer._forward_backward
+def parked(cfg, run, step, *a, **k):
+    if step == stop:
+        marker.write_text(str(step))
+        while True:
+            time.sleep(60)
+    return real(cfg, run, step, *a, **k)
+trainer._forward_backward = parked
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
@@ -155,31 +178,19 @@ def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
     pretrain(_cfg(shards, *extra), ref)
     want = _rows(ref)
 
-    run = tmp_path / "killed"
+    run, parked = tmp_path / "killed", tmp_path / "parked"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "openpluto.cli.main",
-        "pretrain",
-        "--config",
-        "cpu-tiny",
-        "--data",
-        str(shards),
-        "--out",
-        str(run),
-        *TINY,
-        *extra,
-    ]
+    cmd = [sys.executable, "-c", _PARKED_CLI, "3", str(parked),
+           "pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run), *TINY, *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_row(run / "metrics.csv", 3, proc)
-    proc.send_signal(signal.SIGKILL)
+    _wait_for(parked.is_file, proc)
+    proc.send_signal(signal.SIGKILL)  # mid-run: three steps done, the checkpoint of step 2 on disk
     proc.wait()
     ck = load_checkpoint(run / "checkpoint.pt")
-    assert 2 <= ck["step"] < 4
+    assert ck["step"] == 2
 
     summary = pretrain(load_train_config(run / "config.yaml"), run, resume=True)
-    assert summary["start_step"] == ck["step"] and summary["steps"] == 4
+    assert summary["start_step"] == 2 and summary["steps"] == 4
     got = _rows(run)
     assert sorted(got) == sorted(want)
     for step in want:
@@ -338,7 +349,7 @@ def test_signal_checkpoints_and_exits_nonzero(shards, tmp_path, sig, code):
                             start_new_session=True)
     _wait_for_row(run / "metrics.csv", 1, proc)
     os.killpg(proc.pid, sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate()
     assert proc.returncode == code, err[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by"] == "signal" and summary["signal"] == int(sig)
