@@ -50,6 +50,8 @@ class EmbedConfig:
     seed: int = field(default=0, metadata={
         "help": "torch seed (makes random-init presets identical per run)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads of the main process"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the encoder's blocks (faster on GPU after a warm-up of a minute or two)"})
 
     def validate(self) -> None:
         if self.mpp <= 0:
