@@ -187,7 +187,7 @@ def run_numerics(args, device: torch.device, sz: dict, tag: str) -> Iterator[dic
     table = model.rope_table(grid, torch.device("cpu"))
     qkv = torch.randn(8, table.shape[1], 3, model.cfg.num_heads, model.cfg.head_dim).to(torch.bfloat16)
     ref = apply_rope(qkv.float().permute(2, 0, 3, 1, 4)[:2], table).to(torch.bfloat16).float()
-    got = rope_qk(qkv.to(device), table.to(device)).permute(2, 0, 3, 1, 4).float().cpu()
+    got = rope_qk(qkv.to(device)[:, :, :2], table.to(device)).permute(2, 0, 3, 1, 4).float().cpu()
     rel = float((got - ref).abs().max() / ref.abs().max())
     yield _check(f"fused RoPE ({'compiled kernel' if device.type == 'cuda' else 'eager'}) vs reference, "
                  "bf16, max abs diff / max abs ref", rel, rel <= 8e-3, "<= 8e-3 (1 bf16 ulp)")

@@ -23,5 +23,6 @@ def vit_forward_flops(dim: int, depth: int, hidden: int, swiglu: bool, patches: 
 
 def model_forward_flops(cfg, img_size: int, patch: int) -> float:
     """``vit_forward_flops`` of a ``ModelConfig`` at a square ``img_size`` px input and ``patch`` px."""
-    return vit_forward_flops(cfg.embed_dim, cfg.depth, int(cfg.embed_dim * cfg.mlp_ratio), cfg.ffn == "swiglu",
-                             (img_size // patch) ** 2, 1 + cfg.num_registers, patch, cfg.in_chans)
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    return vit_forward_flops(cfg.embed_dim, cfg.depth, hidden, cfg.ffn == "swiglu", (img_size // patch) ** 2,
+                             1 + cfg.num_registers, patch, cfg.in_chans)

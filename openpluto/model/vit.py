@@ -221,7 +221,8 @@ class PlutoViT(nn.Module):
         dict ``cls`` ``[B, D]``, ``registers`` ``[B, R, D]``, ``patch`` ``[B, N, D]``, ``grid`` ``(h, w)``."""
         x, grid = self.forward_tokens(x, patch_size, masks)
         r = self.num_prefix_tokens
-        return {"cls": x[:, 0], "registers": x[:, 1:r], "patch": x[:, r:], "grid": grid}
+        cls, registers, patch = x.split((1, r - 1, x.shape[1] - r), dim=1)  # backward: one concatenation
+        return {"cls": cls.squeeze(1), "registers": registers, "patch": patch, "grid": grid}
 
     def forward(
         self, x: torch.Tensor, patch_size: int | None = None, masks: torch.Tensor | None = None

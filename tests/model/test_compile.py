@@ -56,6 +56,15 @@ def test_three_patch_sizes_three_shapes_per_mode_and_no_recompilation(fresh_dyna
     assert unique_graphs() == 6
 
 
+def test_compiled_blocks_under_activation_checkpointing_give_eager_gradients(fresh_dynamo, micro):
+    eager = copy.deepcopy(micro)
+    for m in (micro, eager):
+        m.set_grad_checkpointing(True)
+    maybe_compile(micro, True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    _assert_close(_round(micro, x, sizes=(16,)), _round(eager, x, sizes=(16,)), atol=1e-5)
+
+
 def test_inductor_compiled_encoder_matches_eager_and_pads_the_last_batch(fresh_dynamo):
     """The real CPU backend (C++ inductor) on a tiny model; a short last batch reuses the graph."""
     torch.manual_seed(0)

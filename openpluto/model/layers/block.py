@@ -60,17 +60,22 @@ class PlutoBlock(EvaBlock):
         bias = None
         if attn.q_bias is not None:
             bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        # q/k/v are taken with split/unbind/squeeze, never by indexing: the backward of an index or a
+        # slice writes a zero tensor the size of the whole projection for each of q, k and v, whereas
+        # these views' backward is one concatenation.
         qkv = F.linear(x, attn.qkv.weight, bias).view(B, T, 3, attn.num_heads, -1)
         if rope is not None and (qkv.is_cuda or torch.compiler.is_compiling()):
-            q, k = rope_qk(qkv, rope).unbind(2)  # [B, T, H, hd] each, in the compute dtype
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+            qk, v = qkv.split((2, 1), dim=2)
+            q, k = rope_qk(qk, rope).unbind(2)  # [B, T, H, hd] each, in the compute dtype
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.squeeze(2).transpose(1, 2)
         else:
             qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, hd]
             if rope is not None:  # q and k together; tables stay fp32 under autocast, result cast back
-                q, k = apply_rope(qkv[:2], rope).to(qkv.dtype).unbind(0)
+                qk, v = qkv.split((2, 1))
+                q, k = apply_rope(qk, rope).to(qkv.dtype).unbind(0)
+                v = v.squeeze(0)
             else:
-                q, k = qkv[0], qkv[1]
-            v = qkv[2]
+                q, k, v = qkv.unbind(0)
         out = self._sdpa(q, k, v, attn.attn_drop.p if self.training else 0.0)
         out = attn.norm(out.transpose(1, 2).reshape(B, T, -1))
         return attn.proj_drop(attn.proj(out))

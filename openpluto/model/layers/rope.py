@@ -7,7 +7,8 @@ and is the identity on the cls/register rows (cos 1, sin 0), so q and k are rota
 instead of slicing the prefix off, rotating and concatenating back.
 
 - ``apply_rope``: the reference (eager, any layout; the CPU path of ``PlutoBlock``).
-- ``rope_qk``: q and k of a ``[B, T, 3, H, hd]`` qkv projection rotated in one pass, in the compute
+- ``rope_qk``: q and k of a ``[B, T, 3, H, hd]`` qkv projection (``[B, T, 2, H, hd]``, a view) rotated in
+  one pass, in the compute
   dtype (fp32 maths inside). Inside a ``torch.compile``d region it is plain tensor code that inductor
   fuses with its neighbours; in eager mode on CUDA it runs as one compiled (inductor/Triton)
   element-wise kernel, built once with dynamic shapes, so its input is read once and only the
@@ -86,14 +87,14 @@ def compiled_rope_qk():
     return _fused
 
 
-def rope_qk(qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotated q and k of ``qkv`` ``[B, T, 3, H, hd]`` as ``[B, T, 2, H, hd]`` in ``qkv.dtype``.
+def rope_qk(qk: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotated ``qk`` ``[B, T, 2, H, hd]`` (q and k of a ``[B, T, 3, H, hd]`` projection), same shape
+    and dtype.
 
     Compiled region: plain code (inductor fuses it). Eager CUDA: the compiled kernel when available
     (a failure to build it is logged once and the eager maths used from then on). Otherwise eager.
     """
-    qk = qkv[:, :, :2]
-    if torch.compiler.is_compiling() or not qkv.is_cuda or not fused_rope_available():
+    if torch.compiler.is_compiling() or not qk.is_cuda or not fused_rope_available():
         return rope_qk_math(qk, table)
     try:
         return compiled_rope_qk()(qk, table)
