@@ -29,16 +29,19 @@ step() {  # step NAME SECONDS COMMAND...
 step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python -c "import torch, timm; print(torch.__version__, torch.version.cuda, timm.__version__, torch.cuda.get_device_name())";
   command -v gcc cc || echo "no C compiler: inductor/Triton cannot build kernels (compiled rows will fail)"'
-step numerics 40 "${SUITE[@]}" --only numerics
+step numerics 35 "${SUITE[@]}" --only numerics
 if python -c "import pytest" 2>/dev/null; then
-  step pytest-cuda 40 python -m pytest -q -p no:cacheprovider tests/model/test_fast_paths.py -k cuda
+  step pytest-cuda 35 python -m pytest -q -p no:cacheprovider tests/model/test_fast_paths.py -k cuda
 fi
 step vits 50 "${SUITE[@]}" --only vits
 step vitg 50 "${SUITE[@]}" --only vitg
-step ssl 55 "${SUITE[@]}" --only ssl
-step loader 55 "${SUITE[@]}" --only loader
-step vits-compiled 110 "${SUITE[@]}" --only vits --compile
-step vitg-compiled 80 "${SUITE[@]}" --only vitg --compile
+step ssl 50 "${SUITE[@]}" --only ssl
+step loader 50 "${SUITE[@]}" --only loader
+# compiled: training shapes only (3 graphs), PLUTO-4G with the attention backend that was faster eager
+step vits-compiled 130 "${SUITE[@]}" --only vits --compile --modes fwd+bwd
+BEST=$(python -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows']
+print(max(rows, key=lambda r: r.get('ours_img_s', 0))['attention'])" "$OUT/parts/vitg.json" 2>/dev/null || echo auto)
+step vitg-compiled 80 "${SUITE[@]}" --only vitg --compile --attention "$BEST"
 step table 15 "${SUITE[@]}" --table
 cat "$OUT/gpu_suite.md"
 echo "total $(($(date +%s) - T0)) s; logs in $OUT/logs"

@@ -228,7 +228,7 @@ def run_vits(args, device: torch.device, sz: dict, tag: str) -> Iterator[dict]:
             maybe_compile(ref, args.compile_timm)
         x = torch.randn(sz["s_batch"], 3, sz["img"], sz["img"], device=device)
         flops = model_forward_flops(ours.cfg, sz["img"], p)
-        for mode in ("fwd", "fwd+bwd"):
+        for mode in args.modes:
             bwd = mode == "fwd+bwd"
             steps = {"ours": _step(ours, x, p, bwd, device)}
             steps.update({n: _step(m, x, None, bwd, device) for n, m in refs.items()})
@@ -261,7 +261,7 @@ def run_vitg(args, device: torch.device, sz: dict, tag: str) -> Iterator[dict]:
     maybe_compile(ref, args.compile_timm)
     x = torch.randn(sz["g_batch"], 3, sz["g_img"], sz["g_img"], device=device)
     flops = model_forward_flops(ours.cfg, sz["g_img"], 14)
-    for backend in ("auto", "cudnn"):
+    for backend in args.attention:
         ours.set_attention_backend(backend)
         times, graphs = _timed({"ours": _step(ours, x, 14, True, device),
                                 "timm": _step(ref, x, None, True, device)}, device, sz)
@@ -428,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run these sections only")
     ap.add_argument("--compile", action="store_true", help="compile openpluto's blocks (maybe_compile)")
     ap.add_argument("--compile-timm", action="store_true", help="compile the timm references too")
+    ap.add_argument("--modes", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"],
+                    help="PLUTO-4S modes (vits section; default: both)")
+    ap.add_argument("--attention", nargs="+", choices=("auto", "cudnn", "flash", "efficient"),
+                    default=["auto", "cudnn"], help="PLUTO-4G SDPA backends tried first (vitg section)")
     ap.add_argument("--quick", action="store_true", help="tiny models, one iteration: a start-up check")
     ap.add_argument("--peak-tflops", type=float, default=790.0,
                     help="dense bf16 peak of the GPU for %% of peak (default: 790, issue 11's H200 figure)")
