@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from RUN/checkpoint.pt (fresh start if none)"
     )
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone blocks (sets compile=true; a few minutes of warm-up)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.base_lr=1e-3"
     )
@@ -79,6 +81,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
         extra["max_steps"] = args.max_steps
     if args.max_minutes is not None:
         extra["max_minutes"] = args.max_minutes
+    if args.compile:
+        extra["compile"] = True
     if args.config:
         cfg = load_train_config(args.config, extra)
     elif args.resume and (out / "config.yaml").is_file():

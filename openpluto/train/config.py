@@ -99,6 +99,7 @@ class TrainConfig:
     global_batch_size: int | None = None  # sets grad_accum_steps = global / (batch_size * world)
     seed: int = 0
     max_nonfinite_in_row: int = 20
+    compile: bool = False  # torch.compile the backbone blocks (openpluto.model.maybe_compile); CLI --compile
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -80,7 +80,7 @@ class NonFiniteLossError(OpenPlutoError):
 
 def build_meta(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(SSL meta-architecture on ``device``, its student backbone) for ``cfg``; seeded by ``cfg.seed``."""
-    from openpluto.model import build_model
+    from openpluto.model import build_model, maybe_compile
     from openpluto.ssl import SSLMetaArch
 
     torch.manual_seed(cfg.seed)
@@ -93,7 +93,7 @@ def build_meta(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Mo
             f"({list(backbone.patch_sizes)}); set patch_sizes or model_overrides.patch_sizes"
         )
     meta = SSLMetaArch(backbone, cfg.ssl, patch_sizes=sizes).to(device)
-    return meta, backbone
+    return maybe_compile(meta, cfg.compile), backbone
 
 
 def make_schedules(cfg: TrainConfig, global_batch: int) -> Schedules:
