@@ -50,6 +50,15 @@ class EmbedConfig:
     seed: int = field(default=0, metadata={
         "help": "torch seed (makes random-init presets identical per run)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads of the main process"})
+    reader: Literal["auto", "openslide"] = field(default="auto", metadata={
+        "help": "auto: JPEG tiles of SVS/TIFF/NDPI pyramids read and decoded directly, OpenSlide for the "
+                "other formats; openslide: always OpenSlide"})
+    dct_scaling: bool = field(default=True, metadata={
+        "help": "decode JPEG tiles at 1/2, 1/4 or 1/8 in the DCT domain when the target µm/px is that much "
+                "coarser than a stored level (faster; within a few grey levels of decode + resize)"})
+    timeout: float = field(default=600.0, metadata={
+        "help": "seconds a reader process may spend planning a slide or reading one block of its tiles; "
+                "past it that slide fails alone"})
 
     def validate(self) -> None:
         if self.mpp <= 0:
@@ -65,6 +74,8 @@ class EmbedConfig:
             raise ConfigError(f"config key 'workers' must be >= 0, got {self.workers}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"config key 'min_tissue' must be in [0, 1], got {self.min_tissue}")
+        if self.timeout <= 0:
+            raise ConfigError(f"config key 'timeout' must be > 0 seconds, got {self.timeout}")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ConfigError(f"config key 'max_tiles' must be >= 1, got {self.max_tiles}")
 

@@ -1,0 +1,474 @@
+"""The per-slide side of ``openpluto embed``: plan, read, embed and write a list of slides, streamed.
+
+``embed_slides(todo, cfg, embedder, ...)`` starts ONE pool of reader processes
+(``openpluto.slide.stream.TileStream``) for the whole list. Slides stream through it: a worker plans
+a slide (``plan_slide``: tissue mask, tile grid at the target µm/px, tiles in blocks of 8 x 8 grid
+cells) while others read the blocks of the slide before it (raw JPEG + DCT scaling where possible,
+see ``openpluto.slide.fastread``) into shared memory; the main process packs tiles into batches
+(pinned host buffers on CUDA), sends uint8 to the device (non-blocking), normalises there, embeds
+under ``torch.inference_mode`` (bf16 autocast on GPU) and streams rows into ``.<slide>.*.h5.tmp``,
+renamed to ``<slide>.h5`` when complete. A slide whose reads fail, hang (``cfg.timeout``) or crash
+its reader fails alone; the model never leaves the main process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from openpluto import __version__
+from openpluto.embed.config import EmbedConfig
+from openpluto.embed.writer import open_slide_h5
+from openpluto.errors import OpenPlutoError
+
+# ----------------------------------------------------------------------------- per-slide plan
+
+
+@dataclass
+class SlidePlan:
+    """Where to embed on one slide: tile corners (level 0) and what the reader will do."""
+
+    path: Path
+    name: str
+    coords: np.ndarray  # [N, 2] int64 level-0 x, y, in blocks of 8 x 8 grid cells (row-major inside)
+    tissue_fraction: np.ndarray  # [N] float32
+    slide_mpp: float  # level-0 µm/px
+    level: int  # pyramid level OpenSlide would read for the target mpp
+    level_downsample: float
+    tile_size_level0: int
+    mpp_override: float | None
+    thumbnail: np.ndarray = field(repr=False)  # RGB uint8
+    thumbnail_downsample: float  # level-0 px per thumbnail px
+    total_tiles: int = 0  # before --max-tiles
+
+
+def read_level(slide: Any, mpp: float) -> tuple[int, float]:
+    """(level, downsample) that ``Slide.read`` uses for ``mpp``: the coarsest level at least as fine."""
+    level = slide.level_for_mpp(mpp, allow_upsample=True)
+    return level, float(slide.level_downsamples[level])
+
+
+def plan_slide(path: Path, cfg: EmbedConfig, name: str | None = None, mpp_override: float | None = None
+               ) -> SlidePlan:
+    """Open the slide, find usable tissue and lay the tile grid (tiles ordered in blocks for the reader)."""
+    from openpluto.slide import detect_tissue, grid_tiles, open_slide, resolve_mpp
+    from openpluto.slide.fastread import block_order
+
+    override = mpp_override if mpp_override is not None else (
+        resolve_mpp(path, cfg.mpp_override) if cfg.mpp_override else None)
+    with open_slide(path, mpp_override=override) as slide:
+        if not slide.mpp or slide.mpp <= 0:
+            raise OpenPlutoError(f"{path}: no µm/px in the slide metadata; give --mpp-override VALUE or "
+                                 "a CSV slide,mpp")
+        # Refuse upsampling (or a bad mpp) before the costly tissue detection.
+        slide.level_for_mpp(cfg.mpp, allow_upsample=cfg.allow_upsample)
+        result = detect_tissue(slide)
+        grid = np.asarray(grid_tiles(slide, result, cfg.mpp, cfg.tile_size, min_tissue=cfg.min_tissue))
+        grid = grid.reshape(-1, 3)
+        coords = np.rint(grid[:, :2]).astype(np.int64)
+        frac = grid[:, 2].astype(np.float32)
+        total = len(coords)
+        if total == 0:
+            raise OpenPlutoError(f"{path}: no tile of {cfg.tile_size} px at {cfg.mpp} µm/px has >= "
+                                 f"{cfg.min_tissue:.0%} usable tissue (lower --min-tissue or check the mask "
+                                 "with `openpluto tissue`)")
+        if cfg.max_tiles is not None and total > cfg.max_tiles:
+            keep = np.unique(np.linspace(0, total - 1, cfg.max_tiles).round().astype(np.int64))
+            coords, frac = coords[keep], frac[keep]
+        order = block_order(coords, cfg.tile_size * cfg.mpp / slide.mpp)
+        coords, frac = coords[order], frac[order]
+        level, level_ds = read_level(slide, cfg.mpp)
+        return SlidePlan(
+            path=path, name=name or path.stem, coords=coords, tissue_fraction=frac,
+            slide_mpp=float(slide.mpp), level=level, level_downsample=level_ds,
+            tile_size_level0=int(round(cfg.tile_size * cfg.mpp / slide.mpp)), mpp_override=override,
+            thumbnail=np.asarray(result.thumbnail), thumbnail_downsample=float(result.downsample),
+            total_tiles=total)
+
+
+def plan_job(job) -> SlidePlan:
+    """``plan_slide`` for a ``TileStream`` job (runs in a reader process; ``job.context`` is the config)."""
+    return plan_slide(Path(job.path), job.context, name=job.key, mpp_override=job.mpp_override)
+
+
+# ----------------------------------------------------------------------------- model side
+
+
+@dataclass
+class Timings:
+    """Seconds of the main process per stage (GPU stages measured with CUDA events)."""
+
+    wait: float = 0.0  # waiting for the readers
+    pack: float = 0.0  # copying tiles into batch buffers
+    h2d: float = 0.0  # host -> device and normalisation
+    model: float = 0.0  # the encoder
+    write: float = 0.0  # device -> host, h5 rows and pictures
+    tiles: int = 0
+
+    def add(self, other: Timings) -> None:
+        for k, v in vars(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+class _Clock:
+    """Stage timer: ``perf_counter`` on CPU; on CUDA, events read back once at the end (no syncs)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+
+    def mark(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def add(self, name: str, start: Any, end: Any) -> None:
+        self.spans.append((name, start, end))
+
+    def settle(self, into: Timings) -> None:
+        """Add the finished spans to ``into`` (on CUDA: waits for them)."""
+        if self.cuda and self.spans:
+            self.spans[-1][2].synchronize()
+        for name, a, b in self.spans:
+            dt = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+            setattr(into, name, getattr(into, name) + dt)
+        self.spans.clear()
+
+
+class PendingEmbedding:
+    """Features of a submitted batch; ``result()`` waits for them (float32 numpy, on the host)."""
+
+    def __init__(self, feats: torch.Tensor, tokens: torch.Tensor | None, done: Any):
+        self._feats, self._tokens, self._done = feats, tokens, done
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self._done is not None:
+            self._done.synchronize()
+        tokens = None if self._tokens is None else self._tokens.numpy()
+        return self._feats.numpy(), tokens
+
+
+class TileEmbedder:
+    """uint8 RGB tiles [B, 3, T, T] or [B, T, T, 3] -> tile embeddings [B, D] (and patch tokens [B, h*w, D]).
+
+    The uint8 batch goes to ``device`` as is (non-blocking from pinned memory) and is normalised
+    there with the encoder's mean/std (0..1 RGB); runs under ``torch.inference_mode`` and, for
+    ``dtype="bf16"``, autocast; outputs are float32 (tokens float16) on the CPU. ``submit`` returns
+    before a GPU has finished (``PendingEmbedding.result()`` waits); calling the embedder waits.
+    """
+
+    def __init__(self, encoder: Any, device: torch.device, patch_size: int | None, pooling: str,
+                 dtype: str = "fp32", tokens: bool = False):
+        self.encoder = encoder
+        self.device = device
+        self.patch_size = patch_size
+        self.pooling = pooling
+        self.tokens = tokens
+        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.grid: tuple[int, int] | None = None
+        self.clock = _Clock(device)
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 [B, 3, T, T] on the device from uint8 [B, 3, T, T] or [B, T, T, 3] anywhere."""
+        x = batch.to(self.device, non_blocking=True)
+        if x.shape[-1] == 3 and x.shape[1] != 3:
+            x = x.permute(0, 3, 1, 2)
+        x = x.float().div_(255.0)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return t.cpu()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
+    @torch.inference_mode()
+    def submit(self, batch: torch.Tensor) -> PendingEmbedding:
+        c = self.clock
+        t0 = c.mark()
+        x = self.normalise(batch)
+        t1 = c.mark()
+        with self._autocast():
+            if not self.tokens:
+                feats = self.encoder.embed(x, patch_size=self.patch_size, pooling=self.pooling).float()
+                tokens = None
+            else:
+                out = self.encoder.forward_features(x, patch_size=self.patch_size)
+                cls, patch = out["cls"].float(), out["patch"].float()
+                self.grid = tuple(int(g) for g in out["grid"])
+                feats = cls if self.pooling == "cls" else torch.cat([cls, patch.mean(dim=1)], dim=1)
+                tokens = patch.to(torch.float16)
+        t2 = c.mark()
+        c.add("h2d", t0, t1)
+        c.add("model", t1, t2)
+        feats = self._to_host(feats)
+        tokens = None if tokens is None else self._to_host(tokens)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return PendingEmbedding(feats, tokens, done)
+
+    def __call__(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.submit(batch).result()
+
+
+class BatchPacker:
+    """Packs reader tiles (uint8 [n, T, T, 3]) into batches [B, T, T, 3] held in ``buffers`` host tensors.
+
+    Pinned on CUDA, so the copy to the device is asynchronous. A batch's buffer is reused
+    ``buffers`` batches later: with at most one batch in flight (``embed_slides`` waits for batch k-1
+    after submitting batch k), three buffers never overwrite a batch still being copied.
+    """
+
+    def __init__(self, batch_size: int, tile_size: int, pin: bool, buffers: int = 3):
+        shape = (batch_size, tile_size, tile_size, 3)
+        self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(buffers)]
+        self.batch_size, self.k, self.n = batch_size, 0, 0
+
+    def add(self, tiles: np.ndarray) -> Iterator[torch.Tensor]:
+        """Copy ``tiles`` in; yield each batch that fills up."""
+        i = 0
+        while i < len(tiles):
+            buf = self.buffers[self.k % len(self.buffers)].numpy()
+            m = min(self.batch_size - self.n, len(tiles) - i)
+            buf[self.n:self.n + m] = tiles[i:i + m]
+            self.n += m
+            i += m
+            if self.n == self.batch_size:
+                yield self._take()
+
+    def flush(self) -> torch.Tensor | None:
+        """The partial last batch of a slide, if any."""
+        return self._take() if self.n else None
+
+    def reset(self) -> None:
+        self.n = 0
+
+    def _take(self) -> torch.Tensor:
+        batch = self.buffers[self.k % len(self.buffers)][:self.n]
+        self.k, self.n = self.k + 1, 0
+        return batch
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def slide_attrs(plan: SlidePlan, cfg: EmbedConfig, encoder: Any, patch_size: int, feature_dim: int,
+                dtype: str) -> dict[str, Any]:
+    return {
+        "mpp": float(cfg.mpp), "magnification": round(10.0 / cfg.mpp, 3), "tile_size": int(cfg.tile_size),
+        "tile_size_level0": int(plan.tile_size_level0), "patch_size": int(patch_size),
+        "pooling": cfg.pooling, "model": str(encoder.name), "weights_hash": str(encoder.weights_hash),
+        "openpluto_version": __version__, "slide_path": str(plan.path), "slide_name": plan.name,
+        "slide_mpp": float(plan.slide_mpp),
+        "mpp_override": -1.0 if plan.mpp_override is None else float(plan.mpp_override),
+        "level": int(plan.level), "level_downsample": float(plan.level_downsample),
+        "embed_dim": int(feature_dim), "num_tiles": len(plan.coords),
+        "num_tissue_tiles": int(plan.total_tiles),
+        "min_tissue": float(cfg.min_tissue), "dtype": dtype,
+    }
+
+
+class SlideOutput:
+    """The h5 file of the slide being embedded: a temp file until ``finish``; ``abort`` removes it."""
+
+    def __init__(self, plan: SlidePlan, out_path: Path, cfg: EmbedConfig, encoder: Any, patch_size: int,
+                 dtype: str):
+        self.plan, self.out_path, self.cfg = plan, out_path, cfg
+        feature_dim = int(encoder.embed_dim_for(cfg.pooling))
+        token_shape = token_grid = None
+        if cfg.save_patch_tokens:
+            gh = gw = cfg.tile_size // patch_size
+            token_shape, token_grid = (gh * gw, int(encoder.embed_dim_for("cls"))), (gh, gw)
+        attrs = slide_attrs(plan, cfg, encoder, patch_size, feature_dim, dtype)
+        self._stack = contextlib.ExitStack()
+        self.writer = self._stack.enter_context(open_slide_h5(
+            out_path, plan.coords, feature_dim, attrs, tissue_fraction=plan.tissue_fraction,
+            token_shape=token_shape, token_grid=token_grid))
+
+    def finish(self) -> int:
+        """Pictures, then the file renamed into place; returns the number of tiles."""
+        plan = self.plan
+        if self.cfg.pictures and self.writer.row == self.writer.n:
+            try:
+                from openpluto.embed.pictures import feature_pc1, save_pc1_heatmap
+
+                values = feature_pc1(self.writer.iter_features)
+                png = self.out_path.parent / "pictures" / f"{plan.name}_pc1.png"
+                save_pc1_heatmap(png, plan.thumbnail, plan.thumbnail_downsample, plan.coords,
+                                 plan.tile_size_level0, values, title=f"{plan.name}: PC1 of tile features")
+            except Exception as e:  # noqa: BLE001 - a picture must never cost the features
+                tqdm.write(f"warning: {plan.name}: no PC1 picture ({' '.join(str(e).split())})",
+                           file=sys.stderr)
+        self._stack.close()
+        return len(plan.coords)
+
+    def abort(self, error: BaseException) -> None:
+        """Drop the temp file (the slide failed)."""
+        self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+@dataclass
+class SlideResult:
+    """Outcome of one slide of ``embed_slides``: ``tiles`` embedded, or ``error`` (one line)."""
+
+    path: Path
+    out_path: Path
+    tiles: int = 0
+    error: str | None = None
+    kind: str = ""  # "", "error", "timeout", "crash"
+
+
+def _reader_jobs(todo: list[tuple[Path, Path]], cfg: EmbedConfig) -> list:
+    from openpluto.slide.mpp import MppOverrides
+    from openpluto.slide.stream import SlideJob
+
+    overrides = MppOverrides.parse(cfg.mpp_override)
+    return [SlideJob(key=out.stem, path=str(p), mpp=cfg.mpp, tile_size=cfg.tile_size,
+                     mpp_override=overrides.get(p), allow_upsample=cfg.allow_upsample, context=cfg)
+            for p, out in todo]
+
+
+def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: TileEmbedder, patch_size: int,
+                 dtype: str, progress: bool = True, timings: Timings | None = None,
+                 reader_stats: Any = None) -> Iterator[SlideResult]:
+    """Embed each (slide, output ``.h5``) of ``todo`` with one reader pool for them all; yield each
+    slide's ``SlideResult`` in order. A slide that fails (bad file, reader error, hang past
+    ``cfg.timeout``, crashed reader, model error) leaves no output and the others go on.
+
+    ``timings`` (main-process stages) and ``reader_stats`` (a ``StreamStats``, worker side) are
+    added to when given.
+    """
+    from openpluto.embed.pipeline import one_line
+    from openpluto.slide.stream import SlideDone, SlideFailed, SlidePlanned, SlideTiles, TileStream
+
+    if not todo:
+        return
+    timings = timings if timings is not None else Timings()
+    jobs = _reader_jobs(todo, cfg)
+    where = {job.key: (p, out) for job, (p, out) in zip(jobs, todo)}
+    pin = embedder.device.type == "cuda"
+    packer = BatchPacker(cfg.batch_size, cfg.tile_size, pin)
+    stream = TileStream(plan_job, cfg.tile_size, workers=cfg.workers, timeout=cfg.timeout,
+                        tiles_per_read=min(64, max(16, cfg.batch_size)),
+                        options={"backend": cfg.reader, "dct_scaling": cfg.dct_scaling})
+    output: SlideOutput | None = None
+    inflight: deque[tuple[PendingEmbedding, int]] = deque()
+    skip: str | None = None  # key of a slide that failed on the model side: ignore its remaining events
+    bar = None
+
+    def drain(keep: int) -> None:
+        while len(inflight) > keep:
+            pending, n = inflight.popleft()
+            t0 = time.perf_counter()
+            feats, tokens = pending.result()
+            t1 = time.perf_counter()
+            assert output is not None
+            output.writer.append(feats, tokens)
+            timings.write += time.perf_counter() - t1
+            timings.wait += t1 - t0  # waiting for the device is not the readers' fault, but it is idle time
+            if bar is not None:
+                bar.update(n)
+
+    def submit(batch: torch.Tensor) -> None:
+        inflight.append((embedder.submit(batch), len(batch)))
+        drain(keep=1)
+
+    events = stream.stream(jobs)
+    try:
+        with stream:
+            while True:
+                t0 = time.perf_counter()
+                ev = next(events, None)
+                timings.wait += time.perf_counter() - t0
+                if ev is None:
+                    break
+                key = ev.job.key
+                path, out_path = where[key]
+                if key == skip and not isinstance(ev, SlideDone | SlideFailed):
+                    continue
+                try:
+                    if isinstance(ev, SlidePlanned):
+                        output = SlideOutput(ev.plan, out_path, cfg, embedder.encoder, patch_size, dtype)
+                        bar = tqdm(total=len(ev.plan.coords), desc=ev.plan.name[:24], unit="tile",
+                                   leave=False, position=1, disable=not progress, dynamic_ncols=True)
+                    elif isinstance(ev, SlideTiles):
+                        t0 = time.perf_counter()
+                        for batch in packer.add(ev.tiles):
+                            timings.pack += time.perf_counter() - t0
+                            submit(batch)
+                            t0 = time.perf_counter()
+                        timings.pack += time.perf_counter() - t0
+                        timings.tiles += len(ev.tiles)
+                    elif isinstance(ev, SlideDone):
+                        if key == skip:
+                            skip = None
+                            continue
+                        last = packer.flush()
+                        if last is not None:
+                            submit(last)
+                        drain(keep=0)
+                        t0 = time.perf_counter()
+                        assert output is not None
+                        n, output = output.finish(), None
+                        timings.write += time.perf_counter() - t0
+                        if reader_stats is not None:
+                            reader_stats.add(ev.stats)
+                        yield SlideResult(path, out_path, tiles=n)
+                    else:  # SlideFailed
+                        if key == skip:
+                            skip = None
+                            continue
+                        inflight.clear()
+                        packer.reset()
+                        if output is not None:
+                            output.abort(OpenPlutoError(ev.error))
+                            output = None
+                        yield SlideResult(path, out_path, error=ev.error, kind=ev.kind)
+                except (KeyboardInterrupt, GeneratorExit):
+                    raise
+                except Exception as e:  # noqa: BLE001 - the model or the writer failed on this slide
+                    inflight.clear()
+                    packer.reset()
+                    if output is not None:
+                        output.abort(e)
+                        output = None
+                    if not isinstance(ev, SlideDone | SlideFailed):
+                        skip = key
+                    yield SlideResult(path, out_path, error=one_line(e), kind="error")
+                finally:
+                    if bar is not None and (output is None):
+                        bar.close()
+                        bar = None
+    finally:
+        if output is not None:
+            output.abort(KeyboardInterrupt())
+        if bar is not None:
+            bar.close()
+        embedder.clock.settle(timings)
