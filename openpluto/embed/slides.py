@@ -14,6 +14,7 @@ its reader fails alone; the model never leaves the main process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections import deque
@@ -47,7 +48,7 @@ class SlidePlan:
     level_downsample: float
     tile_size_level0: int
     mpp_override: float | None
-    thumbnail: np.ndarray = field(repr=False)  # RGB uint8
+    thumbnail: np.ndarray | None = field(repr=False)  # RGB uint8 (None in plans made by reader processes)
     thumbnail_downsample: float  # level-0 px per thumbnail px
     total_tiles: int = 0  # before --max-tiles
 
@@ -97,8 +98,12 @@ def plan_slide(path: Path, cfg: EmbedConfig, name: str | None = None, mpp_overri
 
 
 def plan_job(job) -> SlidePlan:
-    """``plan_slide`` for a ``TileStream`` job (runs in a reader process; ``job.context`` is the config)."""
-    return plan_slide(Path(job.path), job.context, name=job.key, mpp_override=job.mpp_override)
+    """``plan_slide`` for a ``TileStream`` job (runs in a reader process; ``job.context`` is the config).
+
+    The thumbnail stays behind (the picture job reads it again), so the answer is small.
+    """
+    plan = plan_slide(Path(job.path), job.context, name=job.key, mpp_override=job.mpp_override)
+    return dataclasses.replace(plan, thumbnail=None)
 
 
 # ----------------------------------------------------------------------------- model side
@@ -182,6 +187,8 @@ class TileEmbedder:
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
         self.mean = torch.tensor(encoder.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(encoder.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._scale = 1.0 / (255.0 * self.std)
+        self._shift = self.mean / self.std
         self.grid: tuple[int, int] | None = None
         self.clock = _Clock(device)
 
@@ -190,8 +197,9 @@ class TileEmbedder:
         x = batch.to(self.device, non_blocking=True)
         if x.shape[-1] == 3 and x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
-        x = x.float().div_(255.0)
-        return ((x - self.mean) / self.std).contiguous()
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device)
+        out.copy_(x)  # uint8 -> float32, channels first, in one pass
+        return out.mul_(self._scale).sub_(self._shift)  # (x / 255 - mean) / std
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -310,25 +318,39 @@ class SlideOutput:
             token_shape=token_shape, token_grid=token_grid))
 
     def finish(self) -> int:
-        """Pictures, then the file renamed into place; returns the number of tiles."""
-        plan = self.plan
-        if self.cfg.pictures and self.writer.row == self.writer.n:
-            try:
-                from openpluto.embed.pictures import feature_pc1, save_pc1_heatmap
-
-                values = feature_pc1(self.writer.iter_features)
-                png = self.out_path.parent / "pictures" / f"{plan.name}_pc1.png"
-                save_pc1_heatmap(png, plan.thumbnail, plan.thumbnail_downsample, plan.coords,
-                                 plan.tile_size_level0, values, title=f"{plan.name}: PC1 of tile features")
-            except Exception as e:  # noqa: BLE001 - a picture must never cost the features
-                tqdm.write(f"warning: {plan.name}: no PC1 picture ({' '.join(str(e).split())})",
-                           file=sys.stderr)
+        """The complete file renamed into place; returns the number of tiles."""
         self._stack.close()
-        return len(plan.coords)
+        return len(self.plan.coords)
+
+    def picture_args(self) -> tuple:
+        """Arguments of ``pc1_picture`` for this (finished) slide."""
+        plan = self.plan
+        png = self.out_path.parent / "pictures" / f"{plan.name}_pc1.png"
+        return (str(self.out_path), str(png), str(plan.path), plan.mpp_override, plan.thumbnail_downsample,
+                plan.tile_size_level0, f"{plan.name}: PC1 of tile features")
 
     def abort(self, error: BaseException) -> None:
         """Drop the temp file (the slide failed)."""
         self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+def pc1_picture(h5_path: str, png_path: str, slide_path: str, mpp_override: float | None,
+                thumbnail_downsample: float, tile_size_level0: int, title: str) -> None:
+    """``pictures/<slide>_pc1.png`` from a finished slide file (run in a reader process: PCA + PNG).
+
+    The thumbnail is the tissue mask's (same downsample, so the same pixels), read again here.
+    """
+    import h5py
+
+    from openpluto.embed.pictures import feature_pc1, iter_rows, save_pc1_heatmap
+    from openpluto.slide import open_slide
+
+    with open_slide(slide_path, mpp_override=mpp_override, require_mpp=False) as slide:
+        thumbnail, thumbnail_downsample = slide.thumbnail(downsample=thumbnail_downsample)
+    with h5py.File(h5_path, "r") as f:
+        values = feature_pc1(iter_rows(f["features"]))
+        coords = f["coords"][()]
+    save_pc1_heatmap(png_path, thumbnail, thumbnail_downsample, coords, tile_size_level0, values, title=title)
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -436,7 +458,10 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
                         drain(keep=0)
                         t0 = time.perf_counter()
                         assert output is not None
-                        n, output = output.finish(), None
+                        n = output.finish()
+                        if cfg.pictures:
+                            stream.post(pc1_picture, *output.picture_args())
+                        output = None
                         timings.write += time.perf_counter() - t0
                         if reader_stats is not None:
                             reader_stats.add(ev.stats)
@@ -472,3 +497,5 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
         if bar is not None:
             bar.close()
         embedder.clock.settle(timings)
+    for err in stream.side_errors:  # a picture must never cost the features: a warning only
+        tqdm.write(f"warning: no PC1 picture: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import pickle
 import signal
 import time
 import traceback
@@ -101,6 +102,10 @@ class StreamStats:
 
 
 Event = SlidePlanned | SlideTiles | SlideDone | SlideFailed
+# Requests to a worker stay well under a pipe's 64 KiB buffer, so the main process never blocks
+# sending while a worker blocks sending it a large answer (a plan). Slide jobs and coordinates of one
+# read are a few KiB.
+_MAX_REQUEST = 16 * 1024
 
 
 def _post(conn, msg: Any) -> None:
@@ -140,6 +145,9 @@ class _Readers:
         self._open.move_to_end(job.key)
         return r
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._open
+
     def forget(self, key: str) -> None:
         r = self._open.pop(key, None)
         if r is not None:
@@ -159,8 +167,9 @@ def _run_job(kind: str, job: SlideJob, payload: Any, plan_fn: Callable, readers:
         stats.plan = time.perf_counter() - t0
         return plan, stats
     coords, slot = payload
+    new = job.key not in readers
     reader = readers.get(job)
-    before = ReaderStats(**vars(reader.stats))
+    before = ReaderStats() if new else ReaderStats(**vars(reader.stats))
     out = slots[slot] if slots is not None else None
     tiles = reader.read(coords, out=out)
     r = reader.stats
@@ -170,8 +179,24 @@ def _run_job(kind: str, job: SlideJob, payload: Any, plan_fn: Callable, readers:
     return (len(coords) if slots is not None else tiles), stats
 
 
-def _worker(conn, shm_name: str | None, slot_shape: tuple, plan_fn: Callable, options: dict) -> None:
-    """Worker loop: ``(kind, job_id, job, payload)`` in, ``(status, job_id, value, stats)`` out."""
+def _call(job_id: int, fn: Callable, args: tuple) -> tuple:
+    """Run a side job; its answer (errors as one line naming the function)."""
+    try:
+        fn(*args)
+        return "ok", job_id, None, None
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        return "error", job_id, one_line_error(e, getattr(fn, "__name__", "side job")), None
+
+
+def _worker(conn, shm_name: str | None, slot_shape: tuple, plan_fn: Callable, options: dict,
+            inherited: list) -> None:
+    """Worker loop: ``(kind, job_id, job, payload)`` in, ``(status, job_id, value, stats)`` out.
+
+    ``inherited``: the main process's pipe ends this forked process got copies of; closed at once,
+    so that every worker sees end-of-file (and exits) when the main process dies.
+    """
+    for c in inherited:
+        c.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's business
     shm = SharedMemory(name=shm_name) if shm_name else None
     slots = np.ndarray(slot_shape, np.uint8, buffer=shm.buf) if shm is not None else None
@@ -187,6 +212,9 @@ def _worker(conn, shm_name: str | None, slot_shape: tuple, plan_fn: Callable, op
             kind, job_id, job, payload = msg
             if kind == "forget":
                 readers.forget(job.key)
+                continue
+            if kind == "call":
+                conn.send(_call(job_id, *payload))
                 continue
             try:
                 value, stats = _run_job(kind, job, payload, plan_fn, readers, slots)
@@ -228,11 +256,12 @@ class _Slide:
 
 @dataclass
 class _Task:
-    slide: _Slide
-    kind: str  # "plan" | "read"
+    slide: _Slide | None  # None for a side job
+    kind: str  # "plan" | "read" | "call"
     block: int = -1
     slot: int = -1
     sent: float = 0.0
+    call: tuple | None = None  # (fn, args) of a side job
 
 
 class _Worker:
@@ -252,7 +281,7 @@ class TileStream:
 
     def __init__(self, plan_fn: Callable[[SlideJob], Any], tile_size: int, workers: int = 2,
                  timeout: float = 600.0, tiles_per_read: int = 64, slot_mb: float = 16.0,
-                 queue_depth: int = 2, lookahead: int = 2, options: dict | None = None):
+                 queue_depth: int = 2, lookahead: int | None = None, options: dict | None = None):
         self.plan_fn = plan_fn
         self.tile_size = int(tile_size)
         self.workers = int(workers)
@@ -260,10 +289,14 @@ class TileStream:
         tile_bytes = self.tile_size * self.tile_size * 3
         self.tiles_per_read = max(1, min(int(tiles_per_read), int(slot_mb * 2**20) // tile_bytes))
         self.queue_depth = max(1, int(queue_depth))
-        self.lookahead = max(0, int(lookahead))
+        # Slides planned ahead of the one being read: as many as workers, so that many small slides
+        # (planning ~1 s each) still keep a large pool busy.
+        self.lookahead = max(2, self.workers) if lookahead is None else max(0, int(lookahead))
         self.options = dict(options or {})
         self.n_slots = max(4, self.workers * self.queue_depth + 2)
         self.stats = StreamStats()
+        self.side_errors: list[str] = []  # one line per failed side job (see ``post``)
+        self._side: deque[tuple[Callable, tuple]] = deque()
         self._shm: SharedMemory | None = None
         self._slots: np.ndarray | None = None
         self._free: list[int] = []
@@ -284,13 +317,17 @@ class TileStream:
         self._shm = SharedMemory(create=True, size=int(np.prod(shape)))
         self._slots = np.ndarray(shape, np.uint8, buffer=self._shm.buf)
         self._free = list(range(self.n_slots))
-        self._pool = [self._spawn() for _ in range(self.workers)]
+        for _ in range(self.workers):
+            self._pool.append(self._spawn())
 
     def _spawn(self) -> _Worker:
         assert self._shm is not None and self._slots is not None
         here, there = self._ctx.Pipe(duplex=True)
+        forked = self._ctx.get_start_method() == "fork"
+        inherited = [here, *(w.conn for w in self._pool)] if forked else []
         proc = self._ctx.Process(target=_worker, name="openpluto-reader", daemon=True,
-                                 args=(there, self._shm.name, self._slots.shape, self.plan_fn, self.options))
+                                 args=(there, self._shm.name, self._slots.shape, self.plan_fn, self.options,
+                                       inherited))
         proc.start()
         there.close()
         return _Worker(proc, here)
@@ -313,6 +350,22 @@ class TileStream:
             with contextlib.suppress(BufferError):  # a caller still holds a tiles view: freed with it
                 self._shm.close()
             self._shm = None
+
+    def post(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` in a reader process when one is free (e.g. a picture of a finished slide).
+
+        A module-level function (it is pickled) with small arguments (paths and numbers: what the
+        main process sends a worker must fit in a pipe's buffer, or both could wait on each other);
+        it runs before the current ``stream`` ends; a failure is a line in ``side_errors``.
+        """
+        if len(pickle.dumps(args)) > _MAX_REQUEST:
+            raise ValueError(f"arguments of side job {getattr(fn, '__name__', fn)} are too large to send")
+        if self.workers == 0 or not self._pool:
+            answer = _call(0, fn, args)
+            if answer[0] == "error":
+                self.side_errors.append(answer[2])
+            return
+        self._side.append((fn, args))
 
     # ------------------------------------------------------------------ streaming
     def stream(self, jobs: Iterable[SlideJob]) -> Iterator[Event]:
@@ -339,9 +392,12 @@ class TileStream:
                     exhausted = True
                 else:
                     active.append(_Slide(job))
-            if not active:
-                return
             self._dispatch(active)
+            if not active:
+                if not self._side and not any(w.queue for w in self._pool):
+                    return
+                self._wait()  # side jobs still running
+                continue
             head = active[0]
             event, slot = self._next_event(head)
             if event is None:
@@ -393,6 +449,8 @@ class TileStream:
 
     def _next_task(self, active: deque[_Slide]) -> _Task | None:
         for i, s in enumerate(active):
+            if i == 1 and self._side:  # side jobs right after the head slide's reads
+                return _Task(None, "call", call=self._side.popleft())
             if s.failed is not None:
                 continue
             if not s.plan_sent:
@@ -406,11 +464,13 @@ class TileStream:
             if block == s.next_block:
                 s.next_block += 1
             return _Task(s, "read", block, self._free.pop())
+        if self._side:
+            return _Task(None, "call", call=self._side.popleft())
         return None
 
     def _send(self, w: _Worker, task: _Task) -> None:
         s = task.slide
-        payload = None
+        payload = task.call
         if task.kind == "read":
             a, b = s.blocks[task.block]
             payload = (np.asarray(s.plan.coords[a:b], np.int64), task.slot)
@@ -418,7 +478,7 @@ class TileStream:
         if not w.queue:
             w.started = task.sent
         w.queue.append(task)
-        _post(w.conn, (task.kind, id(task), s.job, payload))  # a dead worker is found by _wait
+        _post(w.conn, (task.kind, id(task), s.job if s else None, payload))  # a dead one is found by _wait
 
     def _forget(self, s: _Slide) -> None:
         for w in self._pool:
@@ -449,6 +509,10 @@ class TileStream:
         task = w.queue.popleft()
         w.started = time.monotonic()
         s = task.slide
+        if s is None:
+            if status == "error":
+                self.side_errors.append(value)
+            return
         if s.failed is not None:  # a late answer for a slide that already failed
             if task.slot >= 0:
                 self._free.append(task.slot)
@@ -475,7 +539,10 @@ class TileStream:
         w.conn.close()
         head, rest = w.queue[0], list(w.queue)[1:]
         s = head.slide
-        if s.failed is None:
+        if s is None:
+            name = getattr(head.call[0], "__name__", "side job") if head.call else "side job"
+            self.side_errors.append(f"{name}: {'timed out' if kind == 'timeout' else 'crashed its process'}")
+        elif s.failed is None:
             if kind == "timeout":
                 what = "planning it" if head.kind == "plan" else "reading a block of tiles"
                 s.failed = (f"{s.job.path}: timed out after {self.timeout:g} s {what} (reader hung?)", kind)
@@ -484,9 +551,11 @@ class TileStream:
         for t in [head, *rest]:
             if t.slot >= 0:
                 self._free.append(t.slot)
-            if t is head or t.slide.failed is not None:
+            if t is head or (t.slide is not None and t.slide.failed is not None):
                 continue
-            if t.kind == "plan":
+            if t.slide is None:
+                self._side.append(t.call)
+            elif t.kind == "plan":
                 t.slide.plan_sent = False
             else:
                 t.slide.redo.append(t.block)

@@ -107,3 +107,56 @@ def test_hung_crashed_and_bad_slides_fail_alone(synth_cohort, tmp_path):
     assert "crashed" in failed["crash"].error
     assert not any(e.job.key in failed for e in events if not isinstance(e, SlideFailed | SlidePlanned))
     _check_slides([e for e in events if e.job.key not in failed], ok)
+
+
+def write_marker(path: str, fail: bool) -> None:
+    if fail:
+        raise ValueError("no picture today")
+    with open(path, "w") as f:
+        f.write("done")
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_side_jobs_finish_before_the_stream_ends(synth_cohort, tmp_path, workers):
+    jobs = _jobs(synth_cohort[:2], n=5)
+    with TileStream(grid_plan, TILE, workers=workers) as stream:
+        for ev in stream.stream(jobs):
+            if isinstance(ev, SlideDone):
+                stream.post(write_marker, str(tmp_path / f"{ev.job.key}.txt"), ev.job.key == "ok1")
+        assert (tmp_path / "ok0.txt").read_text() == "done" and not (tmp_path / "ok1.txt").exists()
+        assert len(stream.side_errors) == 1 and "write_marker" in stream.side_errors[0]
+        assert "no picture today" in stream.side_errors[0]
+
+
+def test_readers_exit_when_the_main_process_dies(synth_cohort, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "main.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_stream import _jobs, grid_plan\n"
+        "from openpluto.slide.stream import TileStream\n"
+        "with TileStream(grid_plan, 32, workers=3) as s:\n"
+        f"    for ev in s.stream(_jobs({[str(p) for p in synth_cohort]!r})):\n"
+        "        print(' '.join(str(w.proc.pid) for w in s._pool), flush=True)\n"
+        "        time.sleep(3600)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 3
+    proc.kill()  # SIGKILL: no clean-up code runs in the main process
+    proc.wait()
+
+    def running(pid: int) -> bool:  # an exited process not yet reaped by its new parent is a zombie
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(running(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(running(p) for p in pids)
