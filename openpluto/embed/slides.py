@@ -369,10 +369,10 @@ class SlideResult:
 
 def _reader_jobs(todo: list[tuple[Path, Path]], cfg: EmbedConfig) -> list:
     from openpluto.slide.mpp import MppOverrides
-    from openpluto.slide.stream import SlideJob
+    from openpluto.slide.stream import ReadJob
 
     overrides = MppOverrides.parse(cfg.mpp_override)
-    return [SlideJob(key=out.stem, path=str(p), mpp=cfg.mpp, tile_size=cfg.tile_size,
+    return [ReadJob(key=out.stem, path=str(p), mpp=cfg.mpp, tile_size=cfg.tile_size,
                      mpp_override=overrides.get(p), allow_upsample=cfg.allow_upsample, context=cfg)
             for p, out in todo]
 

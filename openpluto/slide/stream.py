@@ -1,7 +1,7 @@
 """One pool of reader processes for a whole run; slides stream through it, tiles come back in order.
 
 ``TileStream(plan_fn, workers=N, ...)`` forks N worker processes once. ``stream(jobs)`` yields, for
-each ``SlideJob`` in order: ``SlidePlanned`` (the worker-made plan: ``plan.coords`` [N, 2] level-0
+each ``ReadJob`` in order: ``SlidePlanned`` (the worker-made plan: ``plan.coords`` [N, 2] level-0
 corners), ``SlideTiles`` (consecutive tiles, uint8 [n, T, T, 3], in plan order) and ``SlideDone`` --
 or ``SlideFailed`` at any point, after which that slide yields nothing more. Meanwhile the workers
 plan the next slides and read ahead into a fixed set of shared-memory slots, so the next slide's
@@ -39,7 +39,7 @@ from openpluto.slide.fastread import ReaderStats, TileReader
 
 
 @dataclass(frozen=True)
-class SlideJob:
+class ReadJob:
     """One slide to read: ``key`` (unique in the run), ``path``, tiles of ``tile_size`` px at ``mpp``.
 
     ``context`` is passed to the plan function with the job (e.g. the embed settings).
@@ -56,7 +56,7 @@ class SlideJob:
 
 @dataclass
 class SlidePlanned:
-    job: SlideJob
+    job: ReadJob
     plan: Any
 
 
@@ -64,20 +64,20 @@ class SlidePlanned:
 class SlideTiles:
     """Tiles ``start .. start + len(tiles)`` of the plan; ``tiles`` is valid until the next event."""
 
-    job: SlideJob
+    job: ReadJob
     start: int
     tiles: np.ndarray
 
 
 @dataclass
 class SlideDone:
-    job: SlideJob
+    job: ReadJob
     stats: StreamStats
 
 
 @dataclass
 class SlideFailed:
-    job: SlideJob
+    job: ReadJob
     error: str  # one line, names the file
     kind: str  # "error" | "timeout" | "crash"
 
@@ -134,7 +134,7 @@ class _Readers:
         self.options, self.keep = options, keep
         self._open: OrderedDict[str, TileReader] = OrderedDict()
 
-    def get(self, job: SlideJob) -> TileReader:
+    def get(self, job: ReadJob) -> TileReader:
         r = self._open.get(job.key)
         if r is None:
             r = TileReader(job.path, job.mpp, job.tile_size, mpp_override=job.mpp_override,
@@ -158,7 +158,7 @@ class _Readers:
             self.forget(key)
 
 
-def _run_job(kind: str, job: SlideJob, payload: Any, plan_fn: Callable, readers: _Readers,
+def _run_job(kind: str, job: ReadJob, payload: Any, plan_fn: Callable, readers: _Readers,
              slots: np.ndarray | None) -> tuple[Any, StreamStats]:
     stats = StreamStats()
     if kind == "plan":
@@ -236,7 +236,7 @@ def _worker(conn, shm_name: str | None, slot_shape: tuple, plan_fn: Callable, op
 class _Slide:
     """Bookkeeping of one slide in the stream (main process)."""
 
-    job: SlideJob
+    job: ReadJob
     plan: Any = None
     planned: bool = False
     plan_sent: bool = False
@@ -279,7 +279,7 @@ class TileStream:
     to each ``TileReader`` (``backend``, ``dct_scaling``).
     """
 
-    def __init__(self, plan_fn: Callable[[SlideJob], Any], tile_size: int, workers: int = 2,
+    def __init__(self, plan_fn: Callable[[ReadJob], Any], tile_size: int, workers: int = 2,
                  timeout: float = 600.0, tiles_per_read: int = 64, slot_mb: float = 16.0,
                  queue_depth: int = 2, lookahead: int | None = None, options: dict | None = None):
         self.plan_fn = plan_fn
@@ -368,7 +368,7 @@ class TileStream:
         self._side.append((fn, args))
 
     # ------------------------------------------------------------------ streaming
-    def stream(self, jobs: Iterable[SlideJob]) -> Iterator[Event]:
+    def stream(self, jobs: Iterable[ReadJob]) -> Iterator[Event]:
         """Events of every job, slide after slide (see the module docstring)."""
         if self.workers == 0:
             yield from self._inline(jobs)
@@ -382,7 +382,7 @@ class TileStream:
             if not finished:  # abandoned mid-way: jobs may still be in flight, start afresh next time
                 self.close()
 
-    def _events(self, pending: Iterator[SlideJob]) -> Iterator[Any]:
+    def _events(self, pending: Iterator[ReadJob]) -> Iterator[Any]:
         active: deque[_Slide] = deque()
         exhausted = False
         while True:
@@ -562,7 +562,7 @@ class TileStream:
         self._pool[self._pool.index(w)] = self._spawn()
 
     # ------------------------------------------------------------------ in-process (workers=0)
-    def _inline(self, jobs: Iterable[SlideJob]) -> Iterator[Any]:
+    def _inline(self, jobs: Iterable[ReadJob]) -> Iterator[Any]:
         readers = _Readers(self.options)
         try:
             for job in jobs:

@@ -13,7 +13,7 @@ import pytest
 
 from openpluto.slide import open_slide
 from openpluto.slide.fastread import TileReader
-from openpluto.slide.stream import SlideDone, SlideFailed, SlideJob, SlidePlanned, SlideTiles, TileStream
+from openpluto.slide.stream import ReadJob, SlideDone, SlideFailed, SlidePlanned, SlideTiles, TileStream
 
 TILE, MPP = 32, 1.0
 
@@ -23,7 +23,7 @@ class GridPlan:
     coords: np.ndarray
 
 
-def grid_plan(job: SlideJob) -> GridPlan:
+def grid_plan(job: ReadJob) -> GridPlan:
     """Every tile of a regular grid over the slide (at most ``job.context`` of them)."""
     with open_slide(job.path) as s:
         step = int(round(job.tile_size * job.mpp / s.mpp))
@@ -32,7 +32,7 @@ def grid_plan(job: SlideJob) -> GridPlan:
     return GridPlan(g[: job.context or len(g)].astype(np.int64))
 
 
-def troubled_plan(job: SlideJob) -> GridPlan:
+def troubled_plan(job: ReadJob) -> GridPlan:
     """``grid_plan``, except that slides named hang* never finish and crash* kill their process."""
     if job.key.startswith("hang"):
         time.sleep(3600)
@@ -45,7 +45,7 @@ def troubled_plan(job: SlideJob) -> GridPlan:
 
 
 def _jobs(paths, prefix="ok", n=None):
-    return [SlideJob(f"{prefix}{i}", str(p), MPP, TILE, context=n) for i, p in enumerate(paths)]
+    return [ReadJob(f"{prefix}{i}", str(p), MPP, TILE, context=n) for i, p in enumerate(paths)]
 
 
 def _collect(stream: TileStream, jobs) -> list:
@@ -93,9 +93,9 @@ def test_hung_crashed_and_bad_slides_fail_alone(synth_cohort, tmp_path):
     fifo = tmp_path / "fifo.svs"
     os.mkfifo(fifo)  # opening it for reading blocks forever: a reader that hangs inside C code
     ok = _jobs(synth_cohort, n=30)
-    jobs = [ok[0], SlideJob("hang", str(synth_cohort[1]), MPP, TILE), ok[1],
-            SlideJob("crash", str(synth_cohort[2]), MPP, TILE), SlideJob("fifo", str(fifo), MPP, TILE),
-            SlideJob("missing", str(tmp_path / "missing.svs"), MPP, TILE), ok[2]]
+    jobs = [ok[0], ReadJob("hang", str(synth_cohort[1]), MPP, TILE), ok[1],
+            ReadJob("crash", str(synth_cohort[2]), MPP, TILE), ReadJob("fifo", str(fifo), MPP, TILE),
+            ReadJob("missing", str(tmp_path / "missing.svs"), MPP, TILE), ok[2]]
     with TileStream(troubled_plan, TILE, workers=2, timeout=8.0, tiles_per_read=8) as stream:
         events = _collect(stream, jobs)
     failed = {e.job.key: e for e in events if isinstance(e, SlideFailed)}
