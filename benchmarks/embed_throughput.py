@@ -134,11 +134,12 @@ def host_batches(path: Path, cfg, n_batches: int, pin: bool) -> list[torch.Tenso
 
 def embed_run(cohort, cfg, embedder, patch: int, dtype: str, out: Path) -> dict:
     """``openpluto embed``'s per-slide stage over the cohort (model loaded): tiles/s and the breakdown."""
-    from openpluto.embed.slides import Timings, embed_slides
+    from openpluto.embed.slides import SlideTodo, Timings, embed_slides
+    from openpluto.slide import resolve_mpp
     from openpluto.slide.stream import StreamStats
 
     timings, reader = Timings(), StreamStats()
-    todo = [(p, out / f"{p.stem}.h5") for p in cohort]
+    todo = [SlideTodo(p, p.stem, out / f"{p.stem}.h5", resolve_mpp(p, cfg.mpp_override)) for p in cohort]
     embedder.clock.spans.clear()
     t0 = time.perf_counter()
     results = list(embed_slides(todo, cfg, embedder, patch, dtype, progress=False, timings=timings,
@@ -290,8 +291,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
+    from openpluto.distributed import DistInfo
     from openpluto.embed import EmbedConfig
-    from openpluto.embed.distributed import DistInfo
     from openpluto.embed.pipeline import load_model, resolve_device
     from openpluto.embed.slides import TileEmbedder
 

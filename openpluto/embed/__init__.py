@@ -12,8 +12,7 @@ from typing import Any
 _EXPORTS = {
     "EmbedConfig": "config", "PcaPictureConfig": "config",
     "SlideTileDataset": "dataset", "tile_loader": "dataset",
-    "DistInfo": "distributed", "init_distributed": "distributed", "shard": "distributed",
-    "EmbedSummary": "pipeline", "find_slides": "pipeline", "run_embed": "pipeline",
+    "EmbedSummary": "cohort", "run_embed": "pipeline",
     "SlidePlan": "slides", "TileEmbedder": "slides", "embed_slides": "slides", "plan_slide": "slides",
     "is_complete": "writer", "open_slide_h5": "writer", "read_slide_h5": "writer",
 }

@@ -51,6 +51,7 @@ class SlidePlan:
     thumbnail: np.ndarray | None = field(repr=False)  # RGB uint8 (None in plans made by reader processes)
     thumbnail_downsample: float  # level-0 px per thumbnail px
     total_tiles: int = 0  # before --max-tiles
+    record: dict = field(default_factory=dict)  # slide id, identity, settings (see embed.cohort.record_attrs)
 
 
 def read_level(slide: Any, mpp: float) -> tuple[int, float]:
@@ -59,14 +60,20 @@ def read_level(slide: Any, mpp: float) -> tuple[int, float]:
     return level, float(slide.level_downsamples[level])
 
 
-def plan_slide(path: Path, cfg: EmbedConfig, name: str | None = None, mpp_override: float | None = None
-               ) -> SlidePlan:
-    """Open the slide, find usable tissue and lay the tile grid (tiles ordered in blocks for the reader)."""
+def plan_slide(path: Path, cfg: EmbedConfig, slide_id: str | None = None,
+               mpp_override: float | None = None) -> SlidePlan:
+    """Open the slide, find usable tissue and lay the tile grid (in blocks for the reader); reads one
+    tile to fail early.
+
+    ``slide_id`` names the output (default: the readable file stem); ``mpp_override`` is this slide's
+    µm/px override (default: looked up in ``cfg.mpp_override``).
+    """
+    from openpluto.jobs.slides import readable_stem
     from openpluto.slide import detect_tissue, grid_tiles, open_slide, resolve_mpp
     from openpluto.slide.fastread import block_order
 
-    override = mpp_override if mpp_override is not None else (
-        resolve_mpp(path, cfg.mpp_override) if cfg.mpp_override else None)
+    path = Path(path)
+    override = mpp_override if mpp_override is not None else resolve_mpp(path, cfg.mpp_override)
     with open_slide(path, mpp_override=override) as slide:
         if not slide.mpp or slide.mpp <= 0:
             raise OpenPlutoError(f"{path}: no µm/px in the slide metadata; give --mpp-override VALUE or "
@@ -88,9 +95,12 @@ def plan_slide(path: Path, cfg: EmbedConfig, name: str | None = None, mpp_overri
             coords, frac = coords[keep], frac[keep]
         order = block_order(coords, cfg.tile_size * cfg.mpp / slide.mpp)
         coords, frac = coords[order], frac[order]
+        # Fail here with the reader's one-line message (e.g. refusal to upsample).
+        slide.read(int(coords[0, 0]), int(coords[0, 1]), cfg.tile_size, cfg.mpp,
+                   allow_upsample=cfg.allow_upsample)
         level, level_ds = read_level(slide, cfg.mpp)
         return SlidePlan(
-            path=path, name=name or path.stem, coords=coords, tissue_fraction=frac,
+            path=path, name=slide_id or readable_stem(path), coords=coords, tissue_fraction=frac,
             slide_mpp=float(slide.mpp), level=level, level_downsample=level_ds,
             tile_size_level0=int(round(cfg.tile_size * cfg.mpp / slide.mpp)), mpp_override=override,
             thumbnail=np.asarray(result.thumbnail), thumbnail_downsample=float(result.downsample),
@@ -102,7 +112,7 @@ def plan_job(job) -> SlidePlan:
 
     The thumbnail stays behind (the picture job reads it again), so the answer is small.
     """
-    plan = plan_slide(Path(job.path), job.context, name=job.key, mpp_override=job.mpp_override)
+    plan = plan_slide(Path(job.path), job.context, slide_id=job.key, mpp_override=job.mpp_override)
     return dataclasses.replace(plan, thumbnail=None)
 
 
@@ -296,7 +306,7 @@ def slide_attrs(plan: SlidePlan, cfg: EmbedConfig, encoder: Any, patch_size: int
         "level": int(plan.level), "level_downsample": float(plan.level_downsample),
         "embed_dim": int(feature_dim), "num_tiles": len(plan.coords),
         "num_tissue_tiles": int(plan.total_tiles),
-        "min_tissue": float(cfg.min_tissue), "dtype": dtype,
+        "min_tissue": float(cfg.min_tissue), "dtype": dtype, **plan.record,
     }
 
 
@@ -357,32 +367,42 @@ def pc1_picture(h5_path: str, png_path: str, slide_path: str, mpp_override: floa
 
 
 @dataclass
+class SlideTodo:
+    """A slide for ``embed_slides``: its file, id, output ``.h5``, µm/px override and h5 record attributes."""
+
+    path: Path
+    slide_id: str
+    out_path: Path
+    mpp_override: float | None = None
+    record: dict = field(default_factory=dict)
+
+
+@dataclass
 class SlideResult:
     """Outcome of one slide of ``embed_slides``: ``tiles`` embedded, or ``error`` (one line)."""
 
     path: Path
+    slide_id: str
     out_path: Path
     tiles: int = 0
     error: str | None = None
     kind: str = ""  # "", "error", "timeout", "crash"
 
 
-def _reader_jobs(todo: list[tuple[Path, Path]], cfg: EmbedConfig) -> list:
-    from openpluto.slide.mpp import MppOverrides
+def _reader_jobs(todo: list[SlideTodo], cfg: EmbedConfig) -> list:
     from openpluto.slide.stream import ReadJob
 
-    overrides = MppOverrides.parse(cfg.mpp_override)
-    return [ReadJob(key=out.stem, path=str(p), mpp=cfg.mpp, tile_size=cfg.tile_size,
-                     mpp_override=overrides.get(p), allow_upsample=cfg.allow_upsample, context=cfg)
-            for p, out in todo]
+    return [ReadJob(key=t.slide_id, path=str(t.path), mpp=cfg.mpp, tile_size=cfg.tile_size,
+                    mpp_override=t.mpp_override, allow_upsample=cfg.allow_upsample, context=cfg)
+            for t in todo]
 
 
-def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: TileEmbedder, patch_size: int,
+def embed_slides(todo: list[SlideTodo], cfg: EmbedConfig, embedder: TileEmbedder, patch_size: int,
                  dtype: str, progress: bool = True, timings: Timings | None = None,
                  reader_stats: Any = None) -> Iterator[SlideResult]:
-    """Embed each (slide, output ``.h5``) of ``todo`` with one reader pool for them all; yield each
-    slide's ``SlideResult`` in order. A slide that fails (bad file, reader error, hang past
-    ``cfg.timeout``, crashed reader, model error) leaves no output and the others go on.
+    """Embed each slide of ``todo`` with one pool of reader processes for them all (``cfg.workers``,
+    at least 1); yield each slide's ``SlideResult`` in order. A slide that fails (bad file, reader
+    error, hang past ``cfg.timeout``, crashed reader, model error) leaves no output; the others go on.
 
     ``timings`` (main-process stages) and ``reader_stats`` (a ``StreamStats``, worker side) are
     added to when given.
@@ -394,10 +414,10 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
         return
     timings = timings if timings is not None else Timings()
     jobs = _reader_jobs(todo, cfg)
-    where = {job.key: (p, out) for job, (p, out) in zip(jobs, todo)}
+    where = {job.key: t for job, t in zip(jobs, todo)}
     pin = embedder.device.type == "cuda"
     packer = BatchPacker(cfg.batch_size, cfg.tile_size, pin)
-    stream = TileStream(plan_job, cfg.tile_size, workers=cfg.workers, timeout=cfg.timeout,
+    stream = TileStream(plan_job, cfg.tile_size, workers=max(1, cfg.workers), timeout=cfg.timeout,
                         tiles_per_read=min(64, max(16, cfg.batch_size)),
                         options={"backend": cfg.reader, "dct_scaling": cfg.dct_scaling})
     output: SlideOutput | None = None
@@ -432,11 +452,13 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
                 if ev is None:
                     break
                 key = ev.job.key
-                path, out_path = where[key]
+                item = where[key]
+                path, out_path = item.path, item.out_path
                 if key == skip and not isinstance(ev, SlideDone | SlideFailed):
                     continue
                 try:
                     if isinstance(ev, SlidePlanned):
+                        ev.plan.record = item.record
                         output = SlideOutput(ev.plan, out_path, cfg, embedder.encoder, patch_size, dtype)
                         bar = tqdm(total=len(ev.plan.coords), desc=ev.plan.name[:24], unit="tile",
                                    leave=False, position=1, disable=not progress, dynamic_ncols=True)
@@ -465,7 +487,7 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
                         timings.write += time.perf_counter() - t0
                         if reader_stats is not None:
                             reader_stats.add(ev.stats)
-                        yield SlideResult(path, out_path, tiles=n)
+                        yield SlideResult(path, key, out_path, tiles=n)
                     else:  # SlideFailed
                         if key == skip:
                             skip = None
@@ -475,7 +497,7 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
                         if output is not None:
                             output.abort(OpenPlutoError(ev.error))
                             output = None
-                        yield SlideResult(path, out_path, error=ev.error, kind=ev.kind)
+                        yield SlideResult(path, key, out_path, error=ev.error, kind=ev.kind)
                 except (KeyboardInterrupt, GeneratorExit):
                     raise
                 except Exception as e:  # noqa: BLE001 - the model or the writer failed on this slide
@@ -486,7 +508,7 @@ def embed_slides(todo: list[tuple[Path, Path]], cfg: EmbedConfig, embedder: Tile
                         output = None
                     if not isinstance(ev, SlideDone | SlideFailed):
                         skip = key
-                    yield SlideResult(path, out_path, error=one_line(e), kind="error")
+                    yield SlideResult(path, key, out_path, error=one_line(e), kind="error")
                 finally:
                     if bar is not None and (output is None):
                         bar.close()
