@@ -264,7 +264,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--quick", action="store_true",
-                    help="CPU-sized: 2 slides of 8192 px, 600 tiles, batch 32 (unless set explicitly)")
+                    help="CPU-sized: 2 distinct slides of 8192 px, 600 tiles (unless set explicitly)")
     ap.add_argument("--models", nargs="+", default=["pluto4s", "vit_tiny_flexi"],
                     help="encoders (preset names or model dirs)")
     ap.add_argument("--patch-size", type=int, default=None)
@@ -277,7 +277,8 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=None, help="tiles in the cohort (default 20000; quick 600)")
     ap.add_argument("--slide-size", type=int, default=None, help="synthetic slide side, level-0 px "
                                                                  "(default 12288; quick 8192)")
-    ap.add_argument("--distinct", type=int, default=4, help="distinct synthetic slides (then hard links)")
+    ap.add_argument("--distinct", type=int, default=None,
+                    help="distinct synthetic slides, then hard links (default 4; quick 2)")
     ap.add_argument("--no-real", dest="real", action="store_false", help="leave out ../shared/data/wsi")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--reader-size", type=int, default=None,
@@ -302,6 +303,7 @@ def main() -> None:
     args.batch_size = args.batch_size or (256 if cuda else 32)
     args.workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
     args.tiles = args.tiles or (600 if q else 20000)
+    args.distinct = args.distinct or (2 if q else 4)
     args.slide_size = args.slide_size or (8192 if q else 12288)
     args.reader_size = args.reader_size or (8192 if q else 16384)
     args.memory_sizes = args.memory_sizes or ([2048, 12288] if q else [4096, 24576])

@@ -150,14 +150,24 @@ class TileReader:
         self.close()
 
     # ------------------------------------------------------------------ reading
-    def _region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 [h, w, 3] of the source at source px (x, y); outside the slide is white."""
+    def _region(self, x: float, y: float, right: float, bottom: float) -> tuple[np.ndarray, float, float]:
+        """(RGB uint8 region, its origin x, y) of the source covering source px x..right, y..bottom.
+
+        Raw JPEG regions start on a source pixel; OpenSlide ones at the level-0 pixel nearest (x, y),
+        whose position on the level may fall between pixels (OpenSlide renders that offset itself,
+        as it does for ``Slide.read``). Outside the slide is white.
+        """
         src = self.source
         if src.kind == "jpeg":
             assert self.pyramid is not None
-            return self.pyramid.region(self.pyramid.levels[src.level], src.scale, x, y, w, h)
+            ox, oy = math.floor(x + 1e-6), math.floor(y + 1e-6)
+            w, h = max(1, math.ceil(right - ox - 1e-6)), max(1, math.ceil(bottom - oy - 1e-6))
+            return self.pyramid.region(self.pyramid.levels[src.level], src.scale, ox, oy, w, h), ox, oy
         ds = src.downsample
-        return self.slide.read_level(src.level, round(x * ds), round(y * ds), w, h)
+        x0, y0 = round(x * ds), round(y * ds)
+        ox, oy = x0 / ds, y0 / ds
+        w, h = max(1, math.ceil(right - ox - 1e-6)), max(1, math.ceil(bottom - oy - 1e-6))
+        return self.slide.read_level(src.level, x0, y0, w, h), ox, oy
 
     def read(self, coords: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 [N, T, T, 3]: the tile whose level-0 top-left is each row of ``coords`` [N, 2].
@@ -186,11 +196,8 @@ class TileReader:
         t = self.tile_size
         sx = coords[run, 0] / ds
         sy = coords[run, 1] / ds
-        x0, y0 = math.floor(sx.min() + 1e-6), math.floor(sy.min() + 1e-6)
-        w = math.ceil(sx.max() + span - 1e-6) - x0
-        h = math.ceil(sy.max() + span - 1e-6) - y0
         t0 = time.perf_counter()
-        region = self._region(x0, y0, max(1, w), max(1, h))
+        region, x0, y0 = self._region(sx.min(), sy.min(), sx.max() + span, sy.max() + span)
         t1 = time.perf_counter()
         exact = abs(span - t) < 1e-6
         for k, i in enumerate(run):
