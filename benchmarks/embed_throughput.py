@@ -260,65 +260,22 @@ def print_breakdown(run: dict) -> None:
     print(f"(wall {run['seconds']:.1f} s; readers used: {', '.join(run['backends'])})")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    ap.add_argument("--quick", action="store_true",
-                    help="CPU-sized: 2 distinct slides of 8192 px, 600 tiles (unless set explicitly)")
-    ap.add_argument("--models", nargs="+", default=["pluto4s", "vit_tiny_flexi"],
-                    help="encoders (preset names or model dirs)")
-    ap.add_argument("--patch-size", type=int, default=None)
-    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
-    ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--tile-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
-    ap.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
-    ap.add_argument("--tiles", type=int, default=None, help="tiles in the cohort (default 20000; quick 600)")
-    ap.add_argument("--slide-size", type=int, default=None, help="synthetic slide side, level-0 px "
-                                                                 "(default 12288; quick 8192)")
-    ap.add_argument("--distinct", type=int, default=None,
-                    help="distinct synthetic slides, then hard links (default 4; quick 2)")
-    ap.add_argument("--no-real", dest="real", action="store_false", help="leave out ../shared/data/wsi")
-    ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--reader-size", type=int, default=None,
-                    help="side of the 0.25 µm/px slide of the reader-alone test (default 16384; quick 8192)")
-    ap.add_argument("--reader-tiles", type=int, default=400)
-    ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--memory-model", default="vit_micro_flexi")
-    ap.add_argument("--memory-sizes", type=int, nargs=2, default=None,
-                    help="small and large slide of the memory test (default 4096 24576; quick 2048 12288)")
-    ap.add_argument("--work-dir", default=None, help="slides and outputs (default: a temp dir; reused)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
-
-    from openpluto.distributed import DistInfo
+def run_models(args, work: Path, device: torch.device, dtype: str) -> dict:
+    """Model only, embed end to end, the TRIDENT-style baseline and the breakdown, per model."""
     from openpluto.embed import EmbedConfig
-    from openpluto.embed.pipeline import load_model, resolve_device
+    from openpluto.embed.pipeline import _load_checked
     from openpluto.embed.slides import TileEmbedder
 
-    device = resolve_device(args.device, DistInfo())
     cuda = device.type == "cuda"
-    q = args.quick
-    args.batch_size = args.batch_size or (256 if cuda else 32)
-    args.workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
-    args.tiles = args.tiles or (600 if q else 20000)
-    args.distinct = args.distinct or (2 if q else 4)
-    args.slide_size = args.slide_size or (8192 if q else 12288)
-    args.reader_size = args.reader_size or (8192 if q else 16384)
-    args.memory_sizes = args.memory_sizes or ([2048, 12288] if q else [4096, 24576])
-    args.device = str(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="embed_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
-
     cfg = EmbedConfig(inputs=[], out=str(work / "out"), mpp=args.mpp, tile_size=args.tile_size,
                       batch_size=args.batch_size, workers=args.workers, device=str(device), dtype=dtype)
     t0 = time.perf_counter()
     cohort, counts, override = build_cohort(args, work / "slides", cfg)
     cfg = cfg.replace(mpp_override=override)
+    if args.compile:
+        if not hasattr(cfg, "compile"):
+            sys.exit("--compile: this openpluto has no compile switch yet (EmbedConfig.compile)")
+        cfg = cfg.replace(compile=True)
     n_tiles = sum(counts[p] for p in cohort)
     files = len({p.resolve() for p in cohort})
     print(f"cohort: {len(cohort)} slides, {n_tiles} tiles of {args.tile_size} px at {args.mpp} µm/px "
@@ -326,12 +283,11 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'CPU'}), {dtype}, batch "
           f"{args.batch_size}, {args.workers} reader processes, {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} cores; the machine may be shared (see its load: {os.getloadavg()[0]:.1f})")
-    res: dict = {"args": vars(args), "tiles": n_tiles, "slides": len(cohort), "models": []}
+    res: dict = {"tiles": n_tiles, "slides": len(cohort), "models": []}
 
     for model in args.models:
         cfg_m = cfg.replace(model=model)
-        encoder = load_model(cfg_m, device)
-        patch = int(args.patch_size or encoder.default_patch_size)
+        encoder, patch = _load_checked(cfg_m.replace(patch_size=args.patch_size), device)
         embedder = TileEmbedder(encoder, device, patch, cfg.pooling, dtype)
         batches = host_batches(cohort[0], cfg_m, 8, pin=cuda)
         mo = model_only(embedder, batches, n_tiles)
@@ -358,10 +314,78 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU-sized: 2 distinct slides of 8192 px, 600 tiles (unless set explicitly)")
+    ap.add_argument("--models", nargs="*", default=["pluto4s", "vit_tiny_flexi"],
+                    help="encoders (preset names or model dirs); none: only the reader and memory parts")
+    ap.add_argument("--compile", action="store_true", help="compile the encoder (as embed --compile)")
+    ap.add_argument("--patch-size", type=int, default=None)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--mpp", type=float, default=0.5)
+    ap.add_argument("--tile-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 256 on CUDA, 32 on CPU")
+    ap.add_argument("--workers", type=int, default=None, help="reader processes (default: cores - 2)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
+    ap.add_argument("--tiles", type=int, default=None, help="tiles in the cohort (default 20000; quick 600)")
+    ap.add_argument("--slide-size", type=int, default=None, help="synthetic slide side, level-0 px "
+                                                                 "(default 12288; quick 8192)")
+    ap.add_argument("--distinct", type=int, default=None,
+                    help="distinct synthetic slides, then hard links (default 4; quick 2)")
+    ap.add_argument("--no-real", dest="real", action="store_false", help="leave out ../shared/data/wsi")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--reader-size", type=int, default=None,
+                    help="side of the 0.25 µm/px slide of the reader-alone test (default 16384; quick 8192)")
+    ap.add_argument("--reader-tiles", type=int, default=400)
+    ap.add_argument("--skip-reader", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--memory-model", default="vit_micro_flexi")
+    ap.add_argument("--memory-sizes", type=int, nargs=2, default=None,
+                    help="small and large slide of the memory test (default 4096 24576; quick 2048 12288)")
+    ap.add_argument("--work-dir", default=None, help="slides and outputs (default: a temp dir; reused)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+
+    from openpluto.distributed import DistInfo
+    from openpluto.embed.pipeline import resolve_device
+
+    device = resolve_device(args.device, DistInfo())
+    cuda = device.type == "cuda"
+    q = args.quick
+    args.batch_size = args.batch_size or (256 if cuda else 32)
+    args.workers = args.workers if args.workers is not None else max(1, (os.cpu_count() or 2) - 2)
+    args.tiles = args.tiles or (600 if q else 20000)
+    args.distinct = args.distinct or (2 if q else 4)
+    args.slide_size = args.slide_size or (8192 if q else 12288)
+    args.reader_size = args.reader_size or (8192 if q else 16384)
+    args.memory_sizes = args.memory_sizes or ([2048, 12288] if q else [4096, 24576])
+    args.device = str(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else "fp32")
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="embed_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    res: dict = {"args": vars(args)}
+    if args.models:
+        res.update(run_models(args, work, device, dtype))
+    if not args.skip_reader:
+        res["reader_alone"] = print_reader_alone(args, work)
+    if not args.skip_memory:
+        res["memory"] = print_memory(args, work)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+
+
+def print_reader_alone(args, work: Path) -> dict:
     flat = synthetic_slide(work / "slides" / f"flat_{args.reader_size}.svs", args.reader_size, seed=5,
                            downsamples=(1, 16))
     ra = reader_alone(flat, args.tile_size, 1.0, args.reader_tiles)
-    res["reader_alone"] = ra
     print(f"\n## reader alone, one process: {ra['tiles']} tiles of {args.tile_size} px at 1 µm/px from the "
           f"{ra['slide_mpp']:g} µm/px level (level {ra['level']}, downsample {ra['level_downsample']:g})")
     rows = [["one read_region per tile + resize (`Slide.read`)", f"{ra['read_region_tiles_per_s']:.1f}",
@@ -372,20 +396,21 @@ def main() -> None:
                      f"{ra[f'{name}_tiles_per_s'] / ra['read_region_tiles_per_s']:.2f}x",
                      f"mean {d['mean']:.2f} / p99.9 {d['p99.9']:.0f} / max {d['max']}"])
     print(_table(rows, ["reader", "tiles/s", "ratio", "abs diff vs Slide.read (grey levels)"]))
+    return ra
 
-    if not args.skip_memory:
-        res["memory"] = {}
-        for side in args.memory_sizes:
-            p = synthetic_slide(work / "slides" / f"mem_{side}.svs", side, seed=7)
-            res["memory"][side] = memory(p, args, work / f"mem_{side}")
-        print(f"\n## peak memory: full run_embed of one slide ({args.memory_model}, {args.workers} workers, "
-              f"batch {args.batch_size})")
-        rows = [[f"{m['slide_px'][0]}x{m['slide_px'][1]}", m["tiles"], f"{m['peak_main_mib']:.0f}",
-                 f"{m['peak_worker_mib']:.0f}"] for m in res["memory"].values()]
-        head = ["slide (level-0 px)", "tiles", "peak RSS main (MiB)", "peak RSS largest reader (MiB)"]
-        print(_table(rows, head))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
+
+def print_memory(args, work: Path) -> dict:
+    res = {}
+    for side in args.memory_sizes:
+        p = synthetic_slide(work / "slides" / f"mem_{side}.svs", side, seed=7)
+        res[side] = memory(p, args, work / f"mem_{side}")
+    print(f"\n## peak memory: full run_embed of one slide ({args.memory_model}, {args.workers} workers, "
+          f"batch {args.batch_size})")
+    rows = [[f"{m['slide_px'][0]}x{m['slide_px'][1]}", m["tiles"], f"{m['peak_main_mib']:.0f}",
+             f"{m['peak_worker_mib']:.0f}"] for m in res.values()]
+    head = ["slide (level-0 px)", "tiles", "peak RSS main (MiB)", "peak RSS largest reader (MiB)"]
+    print(_table(rows, head))
+    return res
 
 
 if __name__ == "__main__":

@@ -392,8 +392,9 @@ class SlideResult:
 def _reader_jobs(todo: list[SlideTodo], cfg: EmbedConfig) -> list:
     from openpluto.slide.stream import ReadJob
 
+    context = dataclasses.replace(cfg, inputs=[])  # sent with every job: keep it small
     return [ReadJob(key=t.slide_id, path=str(t.path), mpp=cfg.mpp, tile_size=cfg.tile_size,
-                    mpp_override=t.mpp_override, allow_upsample=cfg.allow_upsample, context=cfg)
+                    mpp_override=t.mpp_override, allow_upsample=cfg.allow_upsample, context=context)
             for t in todo]
 
 

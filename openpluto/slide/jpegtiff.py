@@ -97,7 +97,7 @@ def _page_ok(page) -> bool:
 class JpegPyramid:
     """The JPEG levels of one tiled TIFF, read by file offset; ``levels[0]`` is full resolution."""
 
-    def __init__(self, path: Path, levels: list[JpegLevel], cache_mb: float = 64.0):
+    def __init__(self, path: Path, levels: list[JpegLevel], cache_mb: float = 32.0):
         self.path = Path(path)
         self.levels = levels
         self._fd = os.open(self.path, os.O_RDONLY)
@@ -176,7 +176,7 @@ def decode_jpeg(data: bytes, scale: int = 1) -> np.ndarray:
     return np.asarray(im)
 
 
-def open_jpeg_pyramid(path: str | os.PathLike, level0: tuple[int, int], cache_mb: float = 64.0
+def open_jpeg_pyramid(path: str | os.PathLike, level0: tuple[int, int], cache_mb: float = 32.0
                       ) -> JpegPyramid | None:
     """The JPEG pyramid of a tiled TIFF whose full-resolution level is ``level0`` (w, h), else None.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
-import pickle
 import signal
 import time
 import traceback
@@ -27,6 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -109,9 +109,13 @@ _MAX_REQUEST = 16 * 1024
 
 
 def _post(conn, msg: Any) -> None:
-    """Send ``msg`` on a worker pipe; a dead worker's broken pipe is noticed elsewhere."""
+    """Send a request on a worker pipe (at most ``_MAX_REQUEST`` bytes); a dead worker's broken pipe is
+    noticed elsewhere."""
+    data = ForkingPickler.dumps(msg)
+    if len(data) > _MAX_REQUEST:
+        raise ValueError(f"a request to a reader process is {len(data)} bytes; keep requests small")
     with contextlib.suppress(OSError, ValueError):
-        conn.send(msg)
+        conn.send_bytes(data)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -130,7 +134,7 @@ def one_line_error(e: BaseException, path: str) -> str:
 class _Readers:
     """TileReaders of the slides a worker is reading (a few, least recently used closed first)."""
 
-    def __init__(self, options: dict, keep: int = 3):
+    def __init__(self, options: dict, keep: int = 2):
         self.options, self.keep = options, keep
         self._open: OrderedDict[str, TileReader] = OrderedDict()
 
@@ -358,7 +362,7 @@ class TileStream:
         main process sends a worker must fit in a pipe's buffer, or both could wait on each other);
         it runs before the current ``stream`` ends; a failure is a line in ``side_errors``.
         """
-        if len(pickle.dumps(args)) > _MAX_REQUEST:
+        if len(ForkingPickler.dumps(args)) > _MAX_REQUEST:
             raise ValueError(f"arguments of side job {getattr(fn, '__name__', fn)} are too large to send")
         if self.workers == 0 or not self._pool:
             answer = _call(0, fn, args)
