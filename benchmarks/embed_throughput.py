@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,7 +134,8 @@ def host_batches(path: Path, cfg, n_batches: int, pin: bool) -> list[torch.Tenso
 
 def embed_run(cohort, cfg, embedder, patch: int, dtype: str, out: Path) -> dict:
     """``openpluto embed``'s per-slide stage over the cohort (model loaded): tiles/s and the breakdown."""
-    from openpluto.embed.slides import SlideTodo, Timings, embed_slides
+    from openpluto.embed.embedder import Timings
+    from openpluto.embed.slides import SlideTodo, embed_slides
     from openpluto.slide import resolve_mpp
     from openpluto.slide.stream import StreamStats
 
@@ -206,22 +207,61 @@ def reader_alone(path: Path, tile: int, mpp: float, max_tiles: int) -> dict:
     return res
 
 
+def _hwm_mib(pid: int | str = "self") -> float:
+    """Peak RSS (VmHWM) of a process's address space in MiB; 0 once it is gone. (ru_maxrss would also
+    count the peak of the process that started this one, before exec.)"""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
 def memory_child(slide: str, out: str, model: str, mpp: float, tile_size: int, batch: int, workers: int,
                  device: str) -> None:
-    """Run in a fresh process: full run_embed of one slide, then print peak RSS (MiB) as JSON."""
+    """Run in a fresh process: full run_embed of one slide, then print peak RSS (MiB) as JSON.
+
+    The reader processes' peaks are sampled every 0.2 s while they run (each one's VmHWM).
+    """
+    import threading
+
     from openpluto.embed import EmbedConfig, run_embed
 
     cfg = EmbedConfig(inputs=[slide], model=model, out=out, mpp=mpp, tile_size=tile_size, batch_size=batch,
                       workers=workers, pictures=True, min_tissue=0.25, device=device)
+    peaks: dict[int, float] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            for c in _children(os.getpid()):
+                peaks[c] = max(peaks.get(c, 0.0), _hwm_mib(c))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     s = run_embed(cfg, progress=False, log=None)
-    kib = 1.0 / 1024  # ru_maxrss is in KiB on Linux
-    print(json.dumps({"tiles": s.tiles, "seconds": time.perf_counter() - t0,
-                      "peak_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * kib,
-                      "peak_worker_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * kib}))
+    done.set()
+    watcher.join()
+    print(json.dumps({"tiles": s.tiles, "seconds": time.perf_counter() - t0, "peak_main_mib": _hwm_mib(),
+                      "peak_worker_mib": max(peaks.values(), default=0.0)}))
 
 
 def memory(slide: Path, args, out_dir: Path) -> dict:
+    shutil.rmtree(out_dir, ignore_errors=True)  # a rerun must embed again, not skip
     call = ", ".join(repr(v) for v in (str(slide), str(out_dir), args.memory_model, args.mpp, args.tile_size,
                                        args.batch_size, args.workers, args.device))
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import embed_throughput as b; " \
@@ -263,8 +303,8 @@ def print_breakdown(run: dict) -> None:
 def run_models(args, work: Path, device: torch.device, dtype: str) -> dict:
     """Model only, embed end to end, the TRIDENT-style baseline and the breakdown, per model."""
     from openpluto.embed import EmbedConfig
+    from openpluto.embed.embedder import TileEmbedder
     from openpluto.embed.pipeline import _load_checked
-    from openpluto.embed.slides import TileEmbedder
 
     cuda = device.type == "cuda"
     cfg = EmbedConfig(inputs=[], out=str(work / "out"), mpp=args.mpp, tile_size=args.tile_size,

@@ -13,7 +13,7 @@ _EXPORTS = {
     "EmbedConfig": "config", "PcaPictureConfig": "config",
     "SlideTileDataset": "dataset", "tile_loader": "dataset",
     "EmbedSummary": "cohort", "run_embed": "pipeline",
-    "SlidePlan": "slides", "TileEmbedder": "slides", "embed_slides": "slides", "plan_slide": "slides",
+    "SlidePlan": "slides", "TileEmbedder": "embedder", "embed_slides": "slides", "plan_slide": "slides",
     "is_complete": "writer", "open_slide_h5": "writer", "read_slide_h5": "writer",
 }
 __all__ = sorted(_EXPORTS)

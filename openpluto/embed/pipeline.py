@@ -20,10 +20,10 @@ from openpluto.config import to_dict
 from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
 from openpluto.embed.cohort import EmbedSummary, record_attrs, select_slides, todo_slides, write_parts
 from openpluto.embed.config import EmbedConfig
+from openpluto.embed.embedder import TileEmbedder
 from openpluto.embed.slides import (  # noqa: F401 - the per-slide side, re-exported
     SlidePlan,
     SlideTodo,
-    TileEmbedder,
     embed_slides,
     plan_slide,
     read_level,
