@@ -185,3 +185,32 @@ def test_unreadable_tile_is_a_one_line_error(wsi_dir):
     with TileReader(bad, 0.499, 8) as r, pytest.raises(SlideError) as e:
         r.read(np.array([[0, 0]]))
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_features_of_dct_scaled_tiles_agree(flat_slides):
+    """The DCT-scaled pixels move a (random-init) encoder's features by < 5% of the spread between tiles."""
+    import torch
+
+    from openpluto.model import load_encoder
+
+    flat, _ = flat_slides
+    coords = _grid(flat, 64, 1.0)
+    with TileReader(flat, 1.0, 64) as r:
+        assert r.source.scale == 4
+        got = r.read(coords)
+    ref = _reference(flat, coords, 64, 1.0)
+    torch.manual_seed(0)
+    enc = load_encoder("vit_micro_flexi")
+
+    def embed(tiles):
+        x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0
+        x = (x - torch.tensor(enc.mean).view(1, 3, 1, 1)) / torch.tensor(enc.std).view(1, 3, 1, 1)
+        with torch.inference_mode():
+            return enc.embed(x, pooling="cls+mean").numpy()
+
+    a, b = embed(got), embed(ref)
+    d = a.shape[1] // 2
+    for part in (slice(0, d), slice(d, None)):  # CLS, mean patch token
+        diff = np.linalg.norm(a[:, part] - b[:, part], axis=1).mean()
+        spread = np.linalg.norm(b[:, part] - b[:, part].mean(0), axis=1).mean()
+        assert diff < 0.05 * spread, (diff, spread)
