@@ -90,10 +90,14 @@ def run_embed(cfg: EmbedConfig, progress: bool = True, log=print) -> EmbedSummar
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return _run(cfg, cohort, overrides, out_dir, info, progress, log)
+        summary = _run(cfg, cohort, overrides, out_dir, info, progress, log)
+    except BaseException:
+        cleanup_distributed(info, graceful=False)  # peers may be stuck elsewhere: no barrier
+        raise
     finally:
         torch.set_num_threads(threads)
-        cleanup_distributed(info)
+    cleanup_distributed(info)
+    return summary
 
 
 def _load_checked(cfg: EmbedConfig, device: torch.device) -> tuple[Any, int]:
