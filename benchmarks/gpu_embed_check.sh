@@ -25,16 +25,7 @@ if ! python -c "import openslide, imagecodecs, webdataset, wids" 2>/dev/null; th
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
-  rc=$?
-  printf '%-12s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(($(date +%s) - start))" "$limit"
-  [ "$rc" -ne 0 ] && tail -n 5 "$OUT/logs/$name.log" | sed 's/^/    /'
-  return 0
-}
+source "$(dirname "$0")/gpu_steps.sh"
 
 # 20,000 tiles of 224 px at 0.5 µm/px: PLUTO-4S (patch 16) model only, embed end to end, the
 # TRIDENT-style baseline with the same workers, the stage breakdown, the reader alone and peak RSS.
