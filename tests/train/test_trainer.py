@@ -137,15 +137,14 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
+def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen) -> None:
+    """Wait (however long the machine needs) until ``step`` is logged; fail if training ends first."""
+    while True:
         if csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines()):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
-    raise AssertionError("training did not reach the kill step in time")
 
 
 def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
