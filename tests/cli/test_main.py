@@ -25,6 +25,7 @@ def test_bare_openpluto_lists_the_commands_and_fails(capsys):
     (["export", "runs/x"], "openpluto export --help"),
     (["eval"], "openpluto eval --help"),
     (["embed-images", "patches/"], "openpluto embed-images --help"),
+    (["demo", "--steps"], "openpluto demo --help"),
     (["demo", "--no-such-flag"], "openpluto demo --help"),
     (["eval", "knn", "--no-such-flag", "1"], "openpluto eval knn --help"),
     (["no-such-command"], "openpluto --help"),
@@ -40,7 +41,7 @@ def test_a_usage_mistake_is_one_line_naming_the_help(argv, hint, capsys):
 def test_help_and_version_exit_zero(capsys):
     assert main(["--version"]) == 0
     assert main(["demo", "--help"]) == 0
-    assert "--out" in capsys.readouterr().out
+    assert "--steps" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("make_argv", [
@@ -54,6 +55,9 @@ def test_help_and_version_exit_zero(capsys):
                "--out", str(t / "out" / "linear.json")],
     lambda t: ["embed-images", str(t / "no-patches"), "--model", "vit_micro_flexi", "--out",
                str(t / "out" / "feats.h5")],
+    lambda t: ["demo", "--out", str(t / "out" / "demo"), "--slides", str(t / "no-slides")],
+    lambda t: ["demo", "--out", str(t / "out" / "demo"), "--slides", str(t / "empty")],
+    lambda t: ["demo", "--out", str(t / "out" / "demo"), "--steps", "0"],
 ])
 def test_bad_input_is_one_line_and_writes_nothing(make_argv, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
