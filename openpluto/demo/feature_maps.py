@@ -1,21 +1,18 @@
-"""Feature maps that can be checked: patch features of a multi-class crop against the ground truth.
+"""Feature maps that can be checked: tile embeddings of synthetic slides against their ground truth.
 
-For each synthetic slide, ``pick_crop`` finds the square window of its ground-truth class map that
-holds the most tissue classes (artifact-free tissue only). The crop is read at ``mpp``, cut into
-``tile_px`` tiles (the size the encoder was evaluated at) and each tile's patch tokens are stitched
-back into one map. Each token gets the majority ground-truth class of the area it covers
-(``token_labels``; mixed or artifact tokens are left out). Two numbers then say how well the
-features follow the classes, for the pretrained encoder and its random-init twin:
+The encoder is used as the evaluation uses it: a ``tile_px`` window at ``mpp`` gives one embedding
+(its CLS token). Sliding the window over a region gives a feature map; each window is labelled with
+the ground-truth class of its central half when at least 60% of that area is one usable class.
 
-- ``class_variance_share``: the share of the feature variance explained by the classes (η², the
-  between-class sum of squares over the total, summed over feature dimensions);
-- ``cross_slide_knn``: balanced accuracy of a 20-NN (cosine) classifier of token features, each
-  slide's tokens classified from the other slides' (leave one slide out: other stains, other tissue).
+- ``pick_crop`` finds, on each slide, the square window of its class map that holds the most tissue
+  classes; ``crop_map`` embeds it densely (for the picture, coloured by PCA).
+- ``slide_windows`` + ``cross_slide_knn`` give the number: every labelled window of every slide is
+  classified by a 20-NN (cosine) on the windows of the *other* slides (other stains, other tissue),
+  and the balanced accuracy is reported for the pretrained encoder and its random-init twin.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 CLASS_COLOURS = ((214, 39, 40), (255, 187, 120), (31, 119, 180), (255, 235, 140), (44, 160, 44),
                  (140, 86, 75), (148, 103, 189), (23, 190, 207))
 NO_LABEL_COLOUR = (200, 200, 200)
+MIN_PURITY = 0.6
 
 
 @dataclass
@@ -36,11 +34,14 @@ class Crop:
 
 
 @dataclass
-class CropFeatures:
+class CropMap:
+    """A crop (``image`` uint8 [S, S, 3] at the map's µm/px) and each encoder's window embeddings."""
+
     crop: Crop
-    image: np.ndarray  # uint8 [S, S, 3] at the feature-map µm/px
-    labels: np.ndarray  # int [h, w] ground-truth class per token, -1 = left out
-    tokens: dict[str, np.ndarray] = field(default_factory=dict)  # encoder -> float32 [h, w, D]
+    image: np.ndarray
+    offset: int  # px from the crop's edge to the centre of the first window
+    stride: int  # px between window centres
+    maps: dict[str, np.ndarray] = field(default_factory=dict)  # encoder -> float32 [h, w, D]
 
 
 def pick_crop(truth, size_l0: int, min_usable: float = 0.75, min_share: float = 0.08) -> Crop | None:
@@ -61,134 +62,102 @@ def pick_crop(truth, size_l0: int, min_usable: float = 0.75, min_share: float = 
         for x0 in range(0, w - win + 1, stride):
             y1, x1 = y0 + win, x0 + win
             counts = csum[:, y1, x1] - csum[:, y0, x1] - csum[:, y1, x0] + csum[:, y0, x0]
-            usable = counts.sum() / (win * win)
-            if usable < min_usable:
+            if counts.sum() < min_usable * win * win:
                 continue
             share = counts / counts.sum()
-            n = int((share >= min_share).sum())
-            entropy = float(-(share[share > 0] * np.log(share[share > 0])).sum())
-            key = (n, entropy)
+            nz = share[share > 0]
+            key = (int((share >= min_share).sum()), float(-(nz * np.log(nz)).sum()))
             if best_key is None or key > best_key:
-                best_key, best = key, (x0, y0, n)
+                best_key, best = key, (x0, y0, key[0])
     if best is None:
         return None
     x0, y0, n = best
     return Crop(Path(truth.path), int(x0 * t), int(y0 * t), int(size_l0), n)
 
 
-def token_labels(truth, crop: Crop, grid: tuple[int, int], min_purity: float = 0.6) -> np.ndarray:
-    """Majority ground-truth class of each token's area, int [h, w]; -1 where it is below
-    ``min_purity`` of the area or not usable tissue."""
-    gh, gw = grid
-    lab = truth.labels()
-    step = crop.size_l0 / gw
-    out = np.full((gh, gw), -1, np.int64)
-    k = len(truth.classes)
-    for i in range(gh):
-        for j in range(gw):
-            sy, sx = truth.box(crop.x + j * step, crop.y + i * step, step)
-            cell = lab[sy, sx].ravel()
-            if not cell.size:
-                continue
-            counts = np.bincount(cell + 1, minlength=k + 1)
-            c = int(counts.argmax())
-            if c > 0 and counts[c] >= min_purity * cell.size:
-                out[i, j] = c - 1
-    return out
+def window_label(truth, x: float, y: float, size_l0: float) -> int:
+    """Ground-truth class of the central half of the level-0 window (x, y, size_l0); -1 when no class
+    covers ``MIN_PURITY`` of it or it is background/artifact."""
+    sy, sx = truth.box(x + size_l0 / 4, y + size_l0 / 4, size_l0 / 2)
+    cell = truth.labels()[sy, sx].ravel()
+    if not cell.size:
+        return -1
+    counts = np.bincount(cell + 1, minlength=len(truth.classes) + 1)
+    c = int(counts.argmax())
+    return c - 1 if c > 0 and counts[c] >= MIN_PURITY * cell.size else -1
 
 
-def tile_tokens(encoder, image: np.ndarray, tile_px: int, patch: int) -> np.ndarray:
-    """Patch tokens of ``image`` [S, S, 3] embedded as ``tile_px`` tiles and stitched: float32
-    [S/patch, S/patch, D]."""
-    from openpluto.embed.pictures import encoder_tokens
-
-    s = image.shape[0]
-    n = s // tile_px
-    tiles = [image[i * tile_px:(i + 1) * tile_px, j * tile_px:(j + 1) * tile_px]
-             for i in range(n) for j in range(n)]
-    tokens, (gh, gw) = encoder_tokens(encoder, np.stack(tiles), patch_size=patch)
-    t = tokens.numpy().reshape(n, n, gh, gw, -1).transpose(0, 2, 1, 3, 4)
-    return t.reshape(n * gh, n * gw, -1).astype(np.float32)
+def windows(image: np.ndarray, tile_px: int, stride: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """All ``tile_px`` windows of ``image`` [H, W, 3] ``stride`` px apart: ([n, T, T, 3], (rows, cols))."""
+    rows = (image.shape[0] - tile_px) // stride + 1
+    cols = (image.shape[1] - tile_px) // stride + 1
+    out = np.stack([image[i * stride:i * stride + tile_px, j * stride:j * stride + tile_px]
+                    for i in range(rows) for j in range(cols)])
+    return out, (rows, cols)
 
 
-def class_variance_share(feats: np.ndarray, labels: np.ndarray) -> float:
-    """η²: between-class over total sum of squares of ``feats`` [N, D] (summed over dimensions)."""
-    x = np.asarray(feats, np.float64)
-    mu = x.mean(0)
-    total = float(((x - mu) ** 2).sum())
-    between = sum(float((labels == c).sum()) * float(((x[labels == c].mean(0) - mu) ** 2).sum())
-                  for c in np.unique(labels))
-    return between / total if total > 0 else 0.0
+def embed_windows(encoder, wins: np.ndarray, batch: int = 256) -> np.ndarray:
+    """CLS embeddings ``float32 [n, D]`` of uint8 windows ``[n, T, T, 3]`` (normalised as in ``embed``)."""
+    import torch
+
+    mean = torch.tensor(encoder.mean).view(1, 3, 1, 1)
+    std = torch.tensor(encoder.std).view(1, 3, 1, 1)
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(wins), batch):
+            x = torch.from_numpy(np.ascontiguousarray(wins[s:s + batch])).permute(0, 3, 1, 2).float() / 255.0
+            out.append(encoder.embed((x - mean) / std).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, encoder.embed_dim), np.float32)
+
+
+def slide_windows(path: Path, mpp: float, tile_px: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled windows of a whole synthetic slide at ``mpp``: (uint8 [n, T, T, 3], labels [n])."""
+    from openpluto.demo.synthetic import load_truth
+    from openpluto.slide import open_slide
+
+    truth = load_truth(path)
+    f = mpp / truth.mpp  # level-0 px per px at mpp
+    w, h = truth.dimensions
+    with open_slide(path) as slide:
+        image = slide.read(0, 0, (int(w / f), int(h / f)), mpp)
+    wins, (rows, cols) = windows(image, tile_px, stride)
+    labels = np.array([window_label(truth, j * stride * f, i * stride * f, tile_px * f)
+                       for i in range(rows) for j in range(cols)])
+    keep = labels >= 0
+    return wins[keep], labels[keep]
+
+
+def crop_map(encoder, image: np.ndarray, tile_px: int, stride: int) -> np.ndarray:
+    """Window embeddings over ``image`` as a map ``float32 [rows, cols, D]``."""
+    wins, (rows, cols) = windows(image, tile_px, stride)
+    return embed_windows(encoder, wins).reshape(rows, cols, -1)
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+
+
+def knn_classes(train_x: np.ndarray, train_y: np.ndarray, query: np.ndarray, n_classes: int,
+                k: int = 20) -> np.ndarray:
+    """Majority class of each query row's ``k`` nearest training rows (cosine): int [n]."""
+    nn = np.argsort(-(_unit(query) @ _unit(train_x).T), axis=1)[:, :k]
+    votes = np.zeros((len(query), n_classes))
+    np.add.at(votes, (np.repeat(np.arange(len(query)), nn.shape[1]), train_y[nn].ravel()), 1.0)
+    return votes.argmax(1)
+
+
+def others(items: list[np.ndarray], i: int) -> np.ndarray:
+    """``items`` of every slide but ``i``, concatenated."""
+    return np.concatenate([a for j, a in enumerate(items) if j != i])
 
 
 def cross_slide_knn(feats: list[np.ndarray], labels: list[np.ndarray], n_classes: int, k: int = 20) -> float:
-    """Balanced accuracy of a cosine ``k``-NN on ``feats[i]`` trained on all the other slides' tokens."""
+    """Balanced accuracy of a cosine ``k``-NN on ``feats[i]`` trained on all the other slides' windows."""
     from openpluto.eval.metrics import balanced_accuracy
 
-    def unit(a: np.ndarray) -> np.ndarray:
-        return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-
-    ys, preds = [], []
-    for i in range(len(feats)):
-        train_x = unit(np.concatenate([f for j, f in enumerate(feats) if j != i]))
-        train_y = np.concatenate([y for j, y in enumerate(labels) if j != i])
-        q = unit(feats[i])
-        sims = q @ train_x.T
-        nn = np.argsort(-sims, axis=1)[:, :k]
-        votes = np.zeros((len(q), n_classes))
-        np.add.at(votes, (np.arange(len(q))[:, None].repeat(nn.shape[1], 1), train_y[nn]), 1.0)
-        ys.append(labels[i])
-        preds.append(votes.argmax(1))
-    return float(balanced_accuracy(np.concatenate(ys), np.concatenate(preds)))
-
-
-def crop_features(slides: list[Path], models: dict[str, Path], mpp: float, crop_px: int, tile_px: int,
-                  patch: int) -> list[CropFeatures]:
-    """``CropFeatures`` of the best multi-class crop of each synthetic slide, for each encoder.
-
-    Crops are ``crop_px`` px at ``mpp`` (a multiple of ``tile_px``), or smaller where a small slide
-    has no such window of usable tissue."""
-    import torch
-
-    from openpluto.demo.synthetic import load_truth, truth_path
-    from openpluto.model import load_encoder
-    from openpluto.slide import open_slide
-
-    encoders = {name: load_encoder(str(path)) for name, path in models.items()}
-    out = []
-    for path in slides:
-        if not truth_path(path).is_file():
-            continue
-        truth = load_truth(path)
-        sizes = range(crop_px, tile_px - 1, -tile_px)
-        crop, size = next(((c, s) for s in sizes if (c := pick_crop(truth, int(round(s * mpp / truth.mpp))))),
-                          (None, 0))
-        if crop is None:
-            continue
-        with open_slide(path) as slide:
-            image = slide.read(crop.x, crop.y, size, mpp)
-        cf = CropFeatures(crop, image, np.zeros((0, 0), np.int64))
-        with torch.inference_mode():
-            for name, enc in encoders.items():
-                cf.tokens[name] = tile_tokens(enc, image, tile_px, patch)
-        grid = next(iter(cf.tokens.values())).shape[:2]
-        cf.labels = token_labels(truth, crop, grid)
-        out.append(cf)
-    return out
-
-
-def separation(crops: list[CropFeatures], n_classes: int) -> dict[str, dict[str, float]]:
-    """Per encoder: ``{"variance_share", "knn"}`` over the labelled tokens of all crops (``knn`` is
-    NaN with fewer than two crops)."""
-    out = {}
-    for name in crops[0].tokens:
-        feats = [c.tokens[name][c.labels >= 0] for c in crops]
-        labels = [c.labels[c.labels >= 0] for c in crops]
-        allf, ally = np.concatenate(feats), np.concatenate(labels)
-        knn = cross_slide_knn(feats, labels, n_classes) if len(crops) > 1 else math.nan
-        out[name] = {"variance_share": class_variance_share(allf, ally), "knn": knn,
-                     "tokens": int(len(ally))}
-    return out
+    preds = [knn_classes(others(feats, i), others(labels, i), feats[i], n_classes, k)
+             for i in range(len(feats))]
+    return float(balanced_accuracy(np.concatenate(labels), np.concatenate(preds)))
 
 
 def class_map_rgb(labels: np.ndarray) -> np.ndarray:

@@ -1,14 +1,21 @@
-"""The demo's feature-map step: pretrained vs random feature maps on multi-class crops, with numbers.
+"""The demo's feature-map step: do the encoders' features follow the ground-truth tissue classes?
 
-``openpluto embed-pca`` draws the pretrained and random maps of the first slide's crop (the command a
-user would run); the demo then embeds the best multi-class crop of every synthetic slide with both
-encoders, measures how well the features follow the ground-truth classes (``feature_maps.separation``)
-and draws one figure: image, ground truth, pretrained map, random map.
+- The number: every labelled ``eval_size`` window of every synthetic slide (at the embedding µm/px,
+  ``SLIDE_STRIDE`` px apart) is embedded by both encoders and classified by a 20-NN on the other
+  slides' windows (``feature_maps.cross_slide_knn``).
+- The picture: on each slide, the crop with the most tissue classes, embedded window by window
+  (``MAP_STRIDE`` px apart), beside its ground-truth classes. Per encoder, two maps: the windows
+  coloured by the first three principal components of their embeddings (one PCA per encoder over
+  the tissue windows of the crops shown), and each window's class by 20-NN among the other slides'
+  windows (what the number counts). Background and artifacts are grey.
+- ``openpluto embed-pca`` draws the patch-token PCA of the first crop for both encoders (the command
+  a user would run for their own slides).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,60 +23,137 @@ import numpy as np
 from openpluto.demo.commands import CommandLog
 from openpluto.demo.config import DemoConfig
 
-CROP_PX = 512  # side of each crop at the map's µm/px
-PATCH = 8
-SHOWN = 3  # crops drawn in the figure (all are measured)
+CROP_PX = 512  # largest crop side at the map's µm/px
+MAP_STRIDE = 16  # px between window centres in the pictures
+SLIDE_STRIDE = 32  # px between windows for the number
+SHOWN = 3  # crops drawn
 
 
-def _truth_rgb(truth, crop) -> np.ndarray:
-    from openpluto.demo.feature_maps import class_map_rgb
+def _crop(truth, mpp: float, tile_px: int):
+    """The best multi-class crop of ``CROP_PX`` px at ``mpp``, smaller on a small slide: (Crop, px)."""
+    from openpluto.demo.feature_maps import pick_crop
 
-    sy, sx = truth.box(crop.x, crop.y, crop.size_l0)
-    return class_map_rgb(truth.labels()[sy, sx])
+    for px in range(CROP_PX, 2 * tile_px - 1, -tile_px):
+        crop = pick_crop(truth, int(round(px * mpp / truth.mpp)))
+        if crop is not None:
+            return crop, px
+    return None, 0
+
+
+def _map_labels(truth, crop, mpp: float, tile_px: int, grid: tuple[int, int]) -> np.ndarray:
+    """Ground-truth class of each map window (-1 for background, artifacts, mixed), int [rows, cols]."""
+    from openpluto.demo.feature_maps import window_label
+
+    f = mpp / truth.mpp
+    return np.array([[window_label(truth, crop.x + j * MAP_STRIDE * f, crop.y + i * MAP_STRIDE * f,
+                                   tile_px * f) for j in range(grid[1])] for i in range(grid[0])])
+
+
+def _pca_rgb(maps: list[np.ndarray], labels: list[np.ndarray]) -> list[np.ndarray]:
+    """PC 1-3 of the labelled windows of all ``maps`` (one PCA) as RGB; unlabelled windows grey."""
+    from openpluto.demo.feature_maps import NO_LABEL_COLOUR
+    from openpluto.embed.pictures import patch_pca_rgb
+
+    keep = np.concatenate([lab.ravel() >= 0 for lab in labels])
+    flat = np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps])
+    rgb = np.tile(np.array(NO_LABEL_COLOUR, np.float32) / 255, (len(flat), 1))
+    if keep.sum() > 3:
+        rgb[keep] = patch_pca_rgb(flat[keep][None], (1, int(keep.sum())))[0, 0]
+    parts = np.split(rgb, np.cumsum([lab.size for lab in labels])[:-1])
+    return [p.reshape(*lab.shape, 3) for p, lab in zip(parts, labels)]
+
+
+def _map_rows(slides: list[Path], encoders: dict, mpp: float, tile_px: int,
+              feats: dict[str, list[np.ndarray]], labels: list[np.ndarray], n_classes: int):
+    """(crops, a ``MapRow`` per crop) for up to ``SHOWN`` slides: per encoder, the PCA of the window
+    embeddings and each window's class by 20-NN among the *other* slides' windows (``feats``)."""
+    from openpluto.demo.feature_maps import class_map_rgb, crop_map, knn_classes, others
+    from openpluto.demo.figures import MapRow
+    from openpluto.demo.synthetic import load_truth
+    from openpluto.slide import open_slide
+
+    crops, images, truths, wlabels = [], [], [], []
+    maps: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    classes: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    for i, path in enumerate(slides):
+        truth = load_truth(path)
+        crop, px = _crop(truth, mpp, tile_px)
+        if crop is None:
+            continue
+        with open_slide(path) as slide:
+            image = slide.read(crop.x, crop.y, px, mpp)
+        sy, sx = truth.box(crop.x, crop.y, crop.size_l0)
+        for name, enc in encoders.items():
+            m = crop_map(enc, image, tile_px, MAP_STRIDE)
+            maps[name].append(m)
+            flat = m.reshape(-1, m.shape[-1])
+            pred = knn_classes(others(feats[name], i), others(labels, i), flat, n_classes)
+            classes[name].append(pred.reshape(m.shape[:2]))
+        lab = _map_labels(truth, crop, mpp, tile_px, m.shape[:2])
+        crops.append(crop)
+        images.append(image)
+        truths.append(class_map_rgb(truth.labels()[sy, sx]))
+        wlabels.append(lab)
+        if len(crops) == SHOWN:
+            break
+    pca = {name: _pca_rgb(maps[name], wlabels) for name in encoders}
+    rows = []
+    for i, (crop, image) in enumerate(zip(crops, images)):
+        h, w = wlabels[i].shape
+        lo = tile_px / 2 - MAP_STRIDE / 2
+        panels = []
+        for name in encoders:
+            predicted = np.where(wlabels[i] >= 0, classes[name][i], -1)
+            panels += [pca[name][i], class_map_rgb(predicted)]
+        rows.append(MapRow(crop.slide.stem, image, truths[i], panels,
+                           (lo, lo + w * MAP_STRIDE, lo + h * MAP_STRIDE, lo)))
+    return crops, rows
 
 
 def run_feature_maps(cfg: DemoConfig, out: Path, slides: list[Path], models: dict[str, Path],
                      log: CommandLog) -> dict | None:
-    """Figures in ``out/figures`` and ``out/figures/feature_maps.json``; None without ground truth."""
-    from openpluto.demo.feature_maps import crop_features, separation
+    """``out/figures/feature_maps.png`` and ``feature_maps.json``; None without synthetic ground truth."""
+    from openpluto.demo.feature_maps import cross_slide_knn, embed_windows, slide_windows
     from openpluto.demo.figures import feature_map_figure
-    from openpluto.demo.synthetic import load_truth
-    from openpluto.embed.pictures import patch_pca_rgb
+    from openpluto.demo.synthetic import load_truth, truth_path
+    from openpluto.model import load_encoder
 
-    figs = out / "figures"
-    mpp = cfg.mpp[-1]
-    crops = crop_features(slides, models, mpp, CROP_PX, cfg.eval_size, PATCH)
-    if not crops:
-        print("no synthetic ground truth beside the slides: feature maps without numbers")
+    synthetic = [p for p in slides if truth_path(p).is_file()]
+    if not synthetic:
+        print("no synthetic ground truth beside the slides: no feature maps to check")
         return None
-    first = crops[0].crop
-    for name, model in models.items():
-        log.run(["embed-pca", str(first.slide), "--model", str(model), "--out", str(figs / f"pca_{name}.png"),
-                 "--mpp", str(mpp), "--size", str(CROP_PX), "--x", str(first.x), "--y", str(first.y),
-                 "--patch-size", str(PATCH)])
-    truths = [load_truth(c.crop.slide) for c in crops]
-    classes = truths[0].classes
-    numbers = separation(crops, len(classes))
-    shown = crops[:SHOWN]
-    rgb = {}
-    for name in models:  # one PCA per encoder over all crops shown (crops may differ in size)
-        flat = np.concatenate([c.tokens[name].reshape(-1, c.tokens[name].shape[-1]) for c in shown])
-        colours = patch_pca_rgb(flat[None], (1, len(flat)))[0, 0]
-        ends = np.cumsum([c.labels.size for c in shown])
-        rgb[name] = [part.reshape(*c.labels.shape, 3) for c, part in zip(shown, np.split(colours, ends[:-1]))]
-    titles = {name: f"{name}: η² {numbers[name]['variance_share']:.2f}, kNN {numbers[name]['knn']:.2f}"
-              for name in models}
-    feature_map_figure(shown, rgb, [_truth_rgb(t, c.crop) for t, c in zip(truths, shown)], classes, titles,
-                       figs / "feature_maps.png")
+    mpp, tile = cfg.mpp[-1], cfg.eval_size
+    classes = load_truth(synthetic[0]).classes
+    encoders = {name: load_encoder(str(path)) for name, path in models.items()}
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    labels = []
+    for path in synthetic:
+        wins, lab = slide_windows(path, mpp, tile, SLIDE_STRIDE)
+        labels.append(lab)
+        for name, enc in encoders.items():
+            feats[name].append(embed_windows(enc, wins))
+    knn = {name: cross_slide_knn(f, labels, len(classes)) if len(synthetic) > 1 else math.nan
+           for name, f in feats.items()}
+    crops, rows = _map_rows(synthetic, encoders, mpp, tile, feats, labels, len(classes))
+    figs = out / "figures"
+    if crops:
+        first = crops[0]
+        for name, model in models.items():
+            log.run(["embed-pca", str(first.slide), "--model", str(model), "--out",
+                     str(figs / f"pca_{name}.png"), "--mpp", str(mpp), "--size", str(rows[0].image.shape[0]),
+                     "--x", str(first.x), "--y", str(first.y), "--patch-size", "8"])
+        titles = [t for name in models
+                  for t in (f"{name}:\nfeatures (PCA)", f"{name}: classes,\n20-NN ({knn[name]:.2f})")]
+        feature_map_figure(rows, titles, classes, figs / "feature_maps.png")
     result = {
-        "numbers": numbers,
-        "crops": [{"slide": c.crop.slide.name, "x": c.crop.x, "y": c.crop.y, "size_l0": c.crop.size_l0,
-                   "classes": c.crop.n_classes, "tokens": int((c.labels >= 0).sum())} for c in crops],
-        "mpp": mpp, "crop_px": CROP_PX, "tile_px": cfg.eval_size, "patch_size": PATCH,
-        "n_classes": len(classes),
+        "knn": knn, "windows": int(sum(len(lab) for lab in labels)), "slides": len(synthetic),
+        "n_classes": len(classes), "mpp": mpp, "tile_px": tile, "slide_stride_px": SLIDE_STRIDE,
+        "map_stride_px": MAP_STRIDE,
+        "crops": [{"slide": c.slide.name, "x": c.x, "y": c.y, "size_l0": c.size_l0, "classes": c.n_classes}
+                  for c in crops],
     }
+    figs.mkdir(parents=True, exist_ok=True)
     (figs / "feature_maps.json").write_text(json.dumps(result, indent=2) + "\n")
-    for name, v in numbers.items():
-        print(f"feature maps, {name}: classes explain {100 * v['variance_share']:.0f}% of the patch-feature "
-              f"variance; cross-slide kNN of patch features {v['knn']:.3f}")
+    print("feature maps: windows of each slide classified from the other slides' (20-NN), balanced "
+          "accuracy " + ", ".join(f"{name} {v:.3f}" for name, v in knn.items()))
     return result

@@ -3,62 +3,67 @@ ground-truth class map."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from openpluto.io import atomic_path
 
-FONT = 13  # points; figures are drawn at 100 dpi about as wide as the page shows them
+FONT = 13  # points; drawn at 100 dpi about as wide as the page shows it
 
 
-def _plt():
+@dataclass
+class MapRow:
+    """One crop: its image and ground truth (both covering the crop), then RGB maps (``panels``).
+
+    ``extent`` is where the maps lie in crop pixels (left, right, bottom, top): window-embedding maps
+    cover the crop minus half a window at each edge.
+    """
+
+    label: str
+    image: np.ndarray  # uint8 [S, S, 3]
+    truth: np.ndarray  # uint8 RGB class map (any resolution, stretched over the crop)
+    panels: list[np.ndarray]  # RGB [h, w, 3], uint8 or float in 0..1
+    extent: tuple[float, float, float, float]
+
+
+def feature_map_figure(rows: list[MapRow], titles: list[str], classes: tuple[str, ...],
+                       path: str | Path) -> Path:
+    """One row per crop: the image, its ground-truth classes, then the maps headed by ``titles``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT + 1, "legend.fontsize": FONT - 1})
-    return plt
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
-    return path
-
-
-def feature_map_figure(crops, rgb: dict[str, list[np.ndarray]], truth_maps: list[np.ndarray],
-                       classes: tuple[str, ...], titles: dict[str, str], path: str | Path) -> Path:
-    """One row per crop: the image, its ground-truth classes, then each encoder's feature map.
-
-    ``rgb[name][i]`` is crop ``i``'s map (float [h, w, 3] in 0..1), ``truth_maps[i]`` the uint8 RGB class
-    map; ``titles[name]`` heads each encoder's column.
-    """
     from matplotlib.patches import Patch
 
     from openpluto.demo.feature_maps import CLASS_COLOURS, NO_LABEL_COLOUR
 
-    plt = _plt()
-    n, cols = len(crops), 2 + len(rgb)
-    fig, axes = plt.subplots(n, cols, figsize=(3.3 * cols, 3.3 * n + 1.2), squeeze=False)
-    heads = ["image", "ground-truth classes", *titles.values()]
-    for i, cf in enumerate(crops):
-        s = cf.image.shape[0]
-        panels = [cf.image, truth_maps[i], *(rgb[name][i] for name in rgb)]
-        for j, (ax, img) in enumerate(zip(axes[i], panels)):
-            ax.imshow(img, interpolation="nearest", extent=(0, s, s, 0))
+    n, cols = len(rows), 2 + len(titles)
+    height = 2.9 * n + 1.6
+    fig, axes = plt.subplots(n, cols, figsize=(2.9 * cols, height), squeeze=False)
+    heads = ["image", "ground truth", *titles]
+    for i, row in enumerate(rows):
+        s = row.image.shape[0]
+        axes[i, 0].imshow(row.image, extent=(0, s, s, 0))
+        axes[i, 1].imshow(row.truth, interpolation="nearest", extent=(0, s, s, 0))
+        for ax, panel in zip(axes[i, 2:], row.panels):
+            ax.imshow(panel, interpolation="nearest", extent=row.extent)
+        for j, ax in enumerate(axes[i]):
+            ax.set_xlim(0, s)
+            ax.set_ylim(s, 0)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(heads[j], fontsize=FONT)
-        axes[i, 0].set_ylabel(cf.crop.slide.stem, fontsize=FONT - 1)
+        axes[i, 0].set_ylabel(row.label, fontsize=FONT)
     handles = [Patch(color=np.array(CLASS_COLOURS[k]) / 255, label=c) for k, c in enumerate(classes)]
     handles.append(Patch(color=np.array(NO_LABEL_COLOUR) / 255, label="background / artifact"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), frameon=False,
-               fontsize=FONT - 1)
-    fig.tight_layout(rect=(0, 0.9 / (3.3 * n + 1.2), 1, 1))
-    return _save(fig, path)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=FONT)
+    fig.tight_layout(rect=(0, 0.6 / height, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -45,30 +45,32 @@ def _summary_section(cfg: DemoConfig, s: DemoSummary) -> Section:
                    tables=[_results_table(s.results)] if s.results else [])
 
 
-def _feature_section(out: Path, s: DemoSummary) -> Section:
+def _feature_section(s: DemoSummary, out: Path) -> Section:
     fm = s.feature_maps
     if not fm:
         return Section("4. Feature maps", text="No ground truth beside these slides, so no class maps to "
                        "compare with: see figures/pca_*.png for the patch-token PCA of both encoders.")
-    n = fm["numbers"]
-    tokens = sum(c["tokens"] for c in fm["crops"])
-    rows = [[ENCODER_NAMES[e], f"{n[e]['variance_share']:.2f}", f"{n[e]['knn']:.3f}"] for e in ENCODERS]
-    table = Table(["encoder", "class share of feature variance (η²)", "cross-slide kNN, balanced accuracy"],
-                  rows, caption=f"{tokens} patch tokens of {len(fm['crops'])} crops with ground truth, "
-                  f"{fm['n_classes']} classes (kNN chance level {1 / fm['n_classes']:.3f}). η²: "
-                  "between-class over total sum of squares of the patch features. kNN: each slide's tokens "
-                  "classified from the other slides' (k = 20, cosine).")
-    text = (f"On each synthetic slide the demo picks the {fm['crop_px']} px crop at {fm['mpp']:g} µm/px that "
-            "holds the most tissue classes, embeds it as the evaluation does (tiles of "
-            f"{fm['tile_px']} px, patch {fm['patch_size']}) and colours each patch by the first three "
-            "principal components of its features (one PCA per encoder over the crops shown). Where the "
-            "features follow the tissue, the map's colour regions line up with the ground-truth classes; "
-            "at random init they follow colour and local texture. The numbers measure it on every "
-            "patch whose area is at least 60% one class.")
+    knn = fm["knn"]
+    table = Table(["encoder", "slide windows classified from the other slides (20-NN), balanced accuracy"],
+                  [[ENCODER_NAMES[e], f"{knn[e]:.3f}"] for e in ENCODERS],
+                  caption=f"{fm['windows']} windows of {fm['tile_px']} px at {fm['mpp']:g} µm/px from "
+                  f"{fm['slides']} synthetic slides, each labelled with the ground-truth class covering at "
+                  f"least 60% of its centre; {fm['n_classes']} classes (chance level "
+                  f"{1 / fm['n_classes']:.3f}). "
+                  "Each slide's windows are classified by their 20 nearest neighbours (cosine) among the "
+                  "other slides' windows: other stains, other tissue.")
+    text = ("Does each encoder's view of the slides follow the tissue classes? On each synthetic slide the "
+            "demo picks the crop holding the most classes and embeds it the way the evaluation embeds "
+            f"tiles: a {fm['tile_px']} px window at {fm['mpp']:g} µm/px gives one embedding, and the window "
+            f"slides {fm['map_stride_px']} px at a time. Each map colours the windows by the first three "
+            "principal components of their embeddings (one PCA per encoder). Where the features follow the "
+            "tissue, colour regions line up with the ground-truth classes; at random init they follow "
+            "colour and local texture more than the class. The table measures it on every slide. The "
+            "patch-token PCA of the first crop, from openpluto embed-pca, is in figures/pca_*.png.")
     return Section("4. Feature maps against the ground truth", text=text, tables=[table],
                    figures=[Figure(out / "figures" / "feature_maps.png",
-                                   "Rows: slides. Columns: the crop, its ground-truth classes, the "
-                                   "patch-feature PCA of each encoder (RGB = PC 1-3).", full=True)])
+                                   "Rows: slides. Columns: the crop, its ground-truth classes, the window-"
+                                   "embedding map of each encoder (RGB = PC 1-3).", full=True)])
 
 
 def _detail_table(ev: Path, results: list[TaskResult]) -> Table:
@@ -103,7 +105,7 @@ def write_demo_report(cfg: DemoConfig, out: Path, s: DemoSummary, history: str) 
                 "TensorBoard logs in run/tb). The losses fall while the teacher's target entropy stays "
                 "below its maximum and the student features keep their spread: no collapse.",
                 figures=[Figure(curves, "pretraining curves (run/loss_curve.png)", full=True)]),
-        _feature_section(out, s),
+        _feature_section(s, out),
         Section("5. Slide embeddings", text="First principal component of the tile features over each "
                 "slide (embeddings/<slide>.h5, the pretrained encoder).",
                 figures=[Figure(p, p.stem) for p in sorted((out / "embeddings").rglob("*pc1*.png"))]),

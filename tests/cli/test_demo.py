@@ -38,8 +38,7 @@ def test_demo_end_to_end_then_a_rerun_keeps_the_history(tmp_path, capsys):
     assert results["knn"]["n_classes"] == 6 and results["knn"]["n_test"] == 12  # 2 of 8 per class
     fm = summary["feature_maps"]
     assert fm["crops"] and all(c["classes"] >= 2 for c in fm["crops"])  # crops hold several classes
-    for enc in ("pretrained", "random"):
-        assert 0.0 <= fm["numbers"][enc]["variance_share"] <= 1.0 and fm["numbers"][enc]["tokens"] > 0
+    assert fm["windows"] > 100 and all(0.0 <= fm["knn"][e] <= 1.0 for e in ("pretrained", "random"))
 
     html = (out / "report.html").read_text()
     assert _links_resolve(out / "report.html") == []
