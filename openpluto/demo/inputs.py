@@ -11,15 +11,14 @@ from openpluto.errors import OpenPlutoError
 
 def user_slides(folder: str | Path) -> list[Path]:
     """Slide files in ``folder``; a one-line error if it is missing or holds none."""
-    from openpluto.slide.tiles import SLIDE_EXTENSIONS, expand_inputs
+    from openpluto.jobs.slides import discover_slides
 
     src = Path(folder)
     if not src.is_dir():
         raise OpenPlutoError(f"--slides {src} is not a folder (give a folder of slide files)")
-    found = expand_inputs([src])
+    found = discover_slides([src]).paths  # a folder without slides is a one-line InputError
     if not found:
-        raise OpenPlutoError(f"--slides {src} holds no slide files ({', '.join(SLIDE_EXTENSIONS)}); "
-                             "leave --slides out to use synthetic slides")
+        raise OpenPlutoError(f"--slides {src}: no usable slide files; leave --slides out for synthetic ones")
     return found
 
 
