@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="run the whole loop on synthetic slides and write DIR/report.html",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__.split("\n\n")[1].replace("``", ""),
     )
     add_config_args(p, DemoConfig)
     p.set_defaults(func=run)

@@ -50,6 +50,13 @@ class CommandLog:
         if rc:
             raise OpenPlutoError(f"demo step failed (exit {rc}): {text}")
 
+    def run_unless_done(self, argv: Sequence[str], done: bool, why: str) -> None:
+        """``skip`` when ``done`` (an earlier invocation made the output: ``why``), else ``run``."""
+        if done:
+            self.skip(argv, why)
+        else:
+            self.run(argv)
+
     def skip(self, argv: Sequence[str], why: str) -> None:
         """Record (and say) that ``openpluto ARGV`` is not rerun because ``why``."""
         text = command_text(argv)

@@ -76,18 +76,33 @@ def result_path(ev: Path, task: str, encoder: str) -> Path:
     return ev / f"{task}_{encoder}.json"
 
 
+def _made_with(path: Path, settings: dict) -> bool:
+    """``path`` is a results JSON made with ``settings`` (the demo deletes them when the encoder changes)."""
+    try:
+        made = json.loads(path.read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(made.get(k) == v for k, v in settings.items())
+
+
 def run_evaluation(cfg: DemoConfig, out: Path, models: dict[str, Path], log: CommandLog) -> list[TaskResult]:
-    """Score both encoders (``models``: "pretrained"/"random" -> model dir) with kNN and the linear probe."""
+    """Score both encoders (``models``: "pretrained"/"random" -> model dir) with kNN and the linear probe;
+    results an earlier invocation made with the same settings are kept."""
     ev = out / "eval"
     data = heldout_tiles(cfg, ev / "heldout_tiles")
     common = ["--data", str(data), "--resize", str(cfg.eval_size), "--cache-dir", str(ev / "cache")]
     for label in ENCODERS:
         model = str(models[label])
-        log.run(["eval", "knn", "--model", model, *common, "--task", "synthetic tissue",
-                 "--out", str(result_path(ev, "knn", label))])
-        log.run(["eval", "linear", "--model", model, *common, "--task", "synthetic tissue",
-                 "--runs", str(cfg.eval_runs), "--max-steps", str(cfg.eval_steps),
-                 "--out", str(result_path(ev, "linear", label))])
+        same = {"model": model, "data": str(data), "resize": cfg.eval_size}
+        knn = result_path(ev, "knn", label)
+        log.run_unless_done(["eval", "knn", "--model", model, *common, "--task", "synthetic tissue",
+                             "--out", str(knn)], _made_with(knn, same), f"{knn.name} exists")
+        lin = result_path(ev, "linear", label)
+        log.run_unless_done(["eval", "linear", "--model", model, *common, "--task", "synthetic tissue",
+                             "--runs", str(cfg.eval_runs), "--max-steps", str(cfg.eval_steps),
+                             "--out", str(lin)],
+                            _made_with(lin, {**same, "runs": cfg.eval_runs, "max_steps": cfg.eval_steps}),
+                            f"{lin.name} exists")
     files = [str(result_path(ev, t, e)) for e in ENCODERS for t in TASKS]
     log.run(["eval", "table", *files, "--out", str(ev / "table.md")])
     return read_results(ev)

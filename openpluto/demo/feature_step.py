@@ -1,7 +1,7 @@
 """The demo's feature-map step: do the encoders' features follow the ground-truth tissue classes?
 
 - The number: every labelled ``eval_size`` window of every synthetic slide (at the embedding µm/px,
-  ``SLIDE_STRIDE`` px apart) is embedded by both encoders and classified by a 20-NN on the other
+  side by side) is embedded by both encoders and classified by a 20-NN on the other
   slides' windows (``feature_maps.cross_slide_knn``).
 - The picture: on each slide, the crop with the most tissue classes, embedded window by window
   (``MAP_STRIDE`` px apart), beside its ground-truth classes. Per encoder, two maps: the windows
@@ -25,7 +25,6 @@ from openpluto.demo.config import DemoConfig
 
 CROP_PX = 512  # largest crop side at the map's µm/px
 MAP_STRIDE = 16  # px between window centres in the pictures
-SLIDE_STRIDE = 32  # px between windows for the number
 SHOWN = 3  # crops drawn
 
 
@@ -110,6 +109,16 @@ def _map_rows(slides: list[Path], encoders: dict, mpp: float, tile_px: int,
     return crops, rows
 
 
+def _earlier(figs: Path, mpp: float, tile_px: int, n_slides: int) -> dict | None:
+    """What an earlier invocation measured with the same settings, if its files are all there."""
+    try:
+        d = json.loads((figs / "feature_maps.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (d.get("mpp"), d.get("tile_px"), d.get("slides")) == (mpp, tile_px, n_slides)
+    return d if same and "commands" in d and (figs / "feature_maps.png").is_file() else None
+
+
 def run_feature_maps(cfg: DemoConfig, out: Path, slides: list[Path], models: dict[str, Path],
                      log: CommandLog) -> dict | None:
     """``out/figures/feature_maps.png`` and ``feature_maps.json``; None without synthetic ground truth."""
@@ -123,34 +132,42 @@ def run_feature_maps(cfg: DemoConfig, out: Path, slides: list[Path], models: dic
         print("no synthetic ground truth beside the slides: no feature maps to check")
         return None
     mpp, tile = cfg.mpp[-1], cfg.eval_size
+    figs = out / "figures"
+    earlier = _earlier(figs, mpp, tile, len(synthetic))
+    if earlier is not None:  # the demo deletes figures/ when the encoder changes
+        for argv in earlier["commands"]:
+            log.skip(argv, "figures/feature_maps.json exists")
+        return earlier
     classes = load_truth(synthetic[0]).classes
     encoders = {name: load_encoder(str(path)) for name, path in models.items()}
     feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     labels = []
     for path in synthetic:
-        wins, lab = slide_windows(path, mpp, tile, SLIDE_STRIDE)
+        wins, lab = slide_windows(path, mpp, tile, tile)  # side by side: independent windows
         labels.append(lab)
         for name, enc in encoders.items():
             feats[name].append(embed_windows(enc, wins))
     knn = {name: cross_slide_knn(f, labels, len(classes)) if len(synthetic) > 1 else math.nan
            for name, f in feats.items()}
     crops, rows = _map_rows(synthetic, encoders, mpp, tile, feats, labels, len(classes))
-    figs = out / "figures"
+    commands = []
     if crops:
         first = crops[0]
         for name, model in models.items():
-            log.run(["embed-pca", str(first.slide), "--model", str(model), "--out",
-                     str(figs / f"pca_{name}.png"), "--mpp", str(mpp), "--size", str(rows[0].image.shape[0]),
-                     "--x", str(first.x), "--y", str(first.y), "--patch-size", "8"])
+            commands.append(["embed-pca", str(first.slide), "--model", str(model), "--out",
+                             str(figs / f"pca_{name}.png"), "--mpp", str(mpp), "--size",
+                             str(rows[0].image.shape[0]), "--x", str(first.x), "--y", str(first.y)])
+            log.run(commands[-1])
         titles = [t for name in models
                   for t in (f"{name}:\nfeatures (PCA)", f"{name}: classes,\n20-NN ({knn[name]:.2f})")]
         feature_map_figure(rows, titles, classes, figs / "feature_maps.png")
     result = {
         "knn": knn, "windows": int(sum(len(lab) for lab in labels)), "slides": len(synthetic),
-        "n_classes": len(classes), "mpp": mpp, "tile_px": tile, "slide_stride_px": SLIDE_STRIDE,
+        "n_classes": len(classes), "mpp": mpp, "tile_px": tile, "slide_stride_px": tile,
         "map_stride_px": MAP_STRIDE,
         "crops": [{"slide": c.slide.name, "x": c.x, "y": c.y, "size_l0": c.size_l0, "classes": c.n_classes}
                   for c in crops],
+        "commands": commands,
     }
     figs.mkdir(parents=True, exist_ok=True)
     (figs / "feature_maps.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -54,6 +54,8 @@ def test_demo_end_to_end_then_a_rerun_keeps_the_history(tmp_path, capsys):
     second = capsys.readouterr().out
     assert "pretraining for" not in second and "$ openpluto pretrain" not in second
     assert "done earlier (6 steps" in second
+    assert "$ openpluto eval knn" not in second and "$ openpluto embed-pca" not in second  # kept, not redone
+    assert json.loads((out / "summary.json").read_text())["results"] == summary["results"]
     history = (out / "commands.txt").read_text().splitlines()
     assert sum(h.startswith("# ") and "openpluto demo --out" in h for h in history) == 2  # two invocations
     assert [h for h in history if h.startswith("openpluto pretrain")] == [
