@@ -170,6 +170,9 @@ def _cli_args(cfg, out) -> list[str]:
             "--no-pictures", "--no-progress"]
 
 
+HANG_GUARD_S = 1800  # only a deadlock gets near this; no verdict depends on speed
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
 
@@ -179,7 +182,7 @@ def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "openpluto.cli.main", "embed", *_cli_args(cfg, out)]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*.h5")) == sorted(f"{p.stem}.h5" for p in cohort)
     for p in cohort:
@@ -203,9 +206,8 @@ def test_killed_run_resumes_to_one_complete_file_per_slide(cohort, tmp_path):
     proc = subprocess.Popen(_cli(*_cli_args(cfg, out)), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     killed_mid_slide = False
-    deadline = time.time() + 180
     try:
-        while proc.poll() is None and time.time() < deadline:
+        while proc.poll() is None:  # however long the machine needs to finish the first slide
             if list(out.glob("*.h5")) and list(out.glob(".*.h5.tmp")):  # 1st slide done, 2nd in progress
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed_mid_slide = True
