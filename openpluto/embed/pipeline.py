@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from openpluto import __version__
 from openpluto.config import to_dict
@@ -32,6 +31,7 @@ from openpluto.embed.slides import (  # noqa: F401 - the per-slide side, re-expo
 from openpluto.embed.writer import clean_slide_temps
 from openpluto.errors import ConfigError, OpenPlutoError
 from openpluto.io import write_json_atomic
+from openpluto.progress import progress as progress_bar
 
 # ----------------------------------------------------------------------------- cohort
 
@@ -141,8 +141,8 @@ def _run(cfg: EmbedConfig, cohort: Any, overrides: Any, out_dir: Path, info: Dis
     for ref, _, _ in jobs:
         clean_slide_temps(out_dir, ref.id)
 
-    outer = tqdm(total=len(jobs), desc=f"embed rank {info.rank}" if info.distributed else "embed",
-                 unit="slide", position=0, disable=not progress, dynamic_ncols=True)
+    outer = progress_bar(total=len(jobs), desc=f"embed rank {info.rank}" if info.distributed else "embed",
+                         unit="slide", position=0, disable=not progress, dynamic_ncols=True)
     todo_list = [SlideTodo(ref.path, ref.id, out_dir / f"{ref.id}.h5", settings["mpp_override"],
                            record_attrs(ref.id, identity, settings)) for ref, identity, settings in jobs]
     for res in embed_slides(todo_list, cfg, embedder, patch_size, dtype, progress=progress):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -25,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from openpluto import __version__
 from openpluto.embed.config import EmbedConfig
 from openpluto.embed.embedder import BatchPacker, PendingEmbedding, TileEmbedder, Timings  # noqa: F401
 from openpluto.embed.writer import open_slide_h5
 from openpluto.errors import OpenPlutoError
+from openpluto.progress import progress as progress_bar
+from openpluto.progress import write
 
 # ----------------------------------------------------------------------------- per-slide plan
 
@@ -287,8 +287,8 @@ def embed_slides(todo: list[SlideTodo], cfg: EmbedConfig, embedder: TileEmbedder
                     if isinstance(ev, SlidePlanned):
                         ev.plan.record = item.record
                         output = SlideOutput(ev.plan, out_path, cfg, embedder.encoder, patch_size, dtype)
-                        bar = tqdm(total=len(ev.plan.coords), desc=ev.plan.name[:24], unit="tile",
-                                   leave=False, position=1, disable=not progress, dynamic_ncols=True)
+                        bar = progress_bar(total=len(ev.plan.coords), desc=ev.plan.name[:24], unit="tile",
+                                         leave=False, position=1, disable=not progress, dynamic_ncols=True)
                     elif isinstance(ev, SlideTiles):
                         t0 = time.perf_counter()
                         for batch in packer.add(ev.tiles):
@@ -347,4 +347,4 @@ def embed_slides(todo: list[SlideTodo], cfg: EmbedConfig, embedder: TileEmbedder
             bar.close()
         embedder.clock.settle(timings)
     for err in stream.side_errors:  # a picture must never cost the features: a warning only
-        tqdm.write(f"warning: no PC1 picture: {err}", file=sys.stderr)
+        write(f"warning: no PC1 picture: {err}")

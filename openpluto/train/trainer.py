@@ -523,9 +523,10 @@ def _log(cfg: TrainConfig, log: MetricsLog | None, out_dir: Path, step: int, row
 def _progress_bar(cfg: TrainConfig, progress: _Progress, info: DistInfo):
     if not (info.is_main and cfg.log.progress):
         return None
-    from tqdm import tqdm
+    from openpluto.progress import progress as progress_bar
 
-    return tqdm(total=cfg.max_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    return progress_bar(total=cfg.max_steps, initial=progress.step, desc="pretrain", unit="step",
+                        dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

@@ -96,7 +96,7 @@ def test_hung_crashed_and_bad_slides_fail_alone(synth_cohort, tmp_path):
     jobs = [ok[0], ReadJob("hang", str(synth_cohort[1]), MPP, TILE), ok[1],
             ReadJob("crash", str(synth_cohort[2]), MPP, TILE), ReadJob("fifo", str(fifo), MPP, TILE),
             ReadJob("missing", str(tmp_path / "missing.svs"), MPP, TILE), ok[2]]
-    with TileStream(troubled_plan, TILE, workers=2, timeout=8.0, tiles_per_read=8) as stream:
+    with TileStream(troubled_plan, TILE, workers=2, timeout=30.0, tiles_per_read=8) as stream:
         events = _collect(stream, jobs)
     failed = {e.job.key: e for e in events if isinstance(e, SlideFailed)}
     assert {k: e.kind for k, e in failed.items()} == {"hang": "timeout", "crash": "crash", "fifo": "timeout",
