@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from openpluto.slide.batch import run_isolated
+from openpluto.jobs.isolate import run_isolated
 from openpluto.slide.reader import SlideError
 
 
