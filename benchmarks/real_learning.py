@@ -69,7 +69,7 @@ def probe_scores(x: np.ndarray, y: np.ndarray, splits: list[np.ndarray], n_class
     """Test balanced accuracy of 20-NN and the eva linear probe on each split -> {probe: [n_splits]}."""
     from openpluto.eval.config import KnnConfig, LinearConfig
     from openpluto.eval.knn import knn_predict
-    from openpluto.eval.linear import train_linear_probe
+    from openpluto.eval.linear import linear_probe_settings, train_linear_probe
     from openpluto.eval.metrics import balanced_accuracy
 
     kc, lc = KnnConfig(), LinearConfig()
@@ -78,11 +78,8 @@ def probe_scores(x: np.ndarray, y: np.ndarray, splits: list[np.ndarray], n_class
         tr, va, te = (split == s for s in ("train", "val", "test"))
         pred = knn_predict(x[tr], y[tr], x[te], n_classes, kc.k, kc.temperature).argmax(1)
         out["knn"].append(balanced_accuracy(y[te], pred))
-        run = train_linear_probe(
-            (x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), n_classes, seed=i, lr=lc.lr,
-            weight_decay=lc.weight_decay, batch_size=lc.batch_size, max_steps=lc.max_steps,
-            val_every=lc.val_every, patience=lc.patience,
-        )
+        run = train_linear_probe((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), n_classes, seed=i,
+                                 **linear_probe_settings(lc))
         out["linear"].append(run["balanced_accuracy"])
     return out
 
