@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tarfile
 import time
 from collections.abc import Iterable, Sequence
@@ -61,6 +62,7 @@ MANIFEST_COLUMNS = (
     "size_l0",
     "level",
     "tissue_fraction",
+    "modality",
 )
 ERROR_COLUMNS = ("slide", "path", "kind", "error")
 
@@ -211,6 +213,9 @@ def tile_slide(
     with open_slide(path, mpp_override=mpp_override) as slide:
         result = detect_tissue(slide, tcfg)
         t_mask = time.time() - t0
+        if not result.matches_modality(cfg.modality):  # no done marker: a rerun may ask for it
+            shutil.rmtree(partial, ignore_errors=True)
+            return {"slide": name, "path": str(path), "status": "left_out", **_modality(result)}
         sets, warnings = plan_tiles(slide, result, cfg, name)
         writer = ShardWriter(partial, name, cfg.shard_size)
         try:
@@ -234,6 +239,7 @@ def tile_slide(
                         "level_downsample": slide.level_downsamples[level],
                         "tissue_fraction": round(float(frac), 4),
                         "slide_mpp": slide.mpp,
+                        **_modality(result),
                     }
                     shard = writer.write(
                         key, {"jpg": _jpeg(img, cfg.jpeg_quality), "json": json.dumps(meta).encode()}
@@ -251,6 +257,7 @@ def tile_slide(
                             "size_l0": round(size_l0, 3),
                             "level": level,
                             "tissue_fraction": round(float(frac), 4),
+                            "modality": _modality_label(result),
                         }
                     )
         finally:
@@ -271,6 +278,7 @@ def tile_slide(
             "usable_mm2": result.area_mm2(result.usable),
             "artifact_mm2": {k: result.area_mm2(v) for k, v in result.artifacts.items()},
             "dark_background": result.dark_background,
+            **_modality(result),
             "warnings": warnings,
             "mask_seconds": round(t_mask, 3),
         }
@@ -292,6 +300,16 @@ def tile_slide(
     summary["seconds"] = round(time.time() - t0, 3)
     write_json_atomic(out_p / "done" / f"{name}.json", summary)
     return summary
+
+
+def _modality(result) -> dict:
+    """What a slide's outputs record about its modality (see ``openpluto.slide.tissue``)."""
+    return {"modality": result.modality, "stain": result.stain, "dab_fraction": result.dab_fraction}
+
+
+def _modality_label(result) -> str:
+    """One word for the manifest: ``he``, ``ihc`` or ``fluorescence``."""
+    return result.stain or result.modality
 
 
 def _forget_slide(out: Path, name: str) -> None:
@@ -352,9 +370,12 @@ def run_tiles(
         jobs.append((n, (str(p), str(out), n, to_dict(cfg), to_dict(tissue_cfg), overrides.get(p))))
     by_name = dict(zip(names, paths))
     errors: list[dict] = []
+    left_out: list[dict] = []
     bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress or not jobs)
     for o in run_isolated(tile_slide, jobs, workers=cfg.workers, timeout=cfg.timeout):
-        if o.ok:
+        if o.ok and o.value.get("status") == "left_out":
+            left_out.append({k: o.value[k] for k in ("slide", "path", "modality", "stain", "dab_fraction")})
+        elif o.ok:
             bar.set_postfix(tiles=o.value.get("n_tiles", 0), refresh=False)
         else:
             errors.append({"slide": o.key, "path": str(by_name[o.key]), "kind": o.kind, "error": o.error})
@@ -366,7 +387,11 @@ def run_tiles(
             )
         bar.update(1)
     bar.close()
-    summary = finalize(out, names, errors, skipped, cfg, seconds=time.time() - t0)
+    if left_out:
+        kinds = ", ".join(f"{r['slide']} ({r['stain'] or r['modality']})" for r in left_out)
+        print(f"tiles: left out {len(left_out)} slide(s) that are not {cfg.modality}: {kinds}; "
+              "--modality any tiles every slide", file=sys.stderr)
+    summary = finalize(out, names, errors, skipped, cfg, seconds=time.time() - t0, left_out=left_out)
     return summary
 
 
@@ -377,6 +402,7 @@ def finalize(
     skipped: Sequence[str],
     cfg: TilesConfig,
     seconds: float,
+    left_out: Sequence[dict] = (),
 ) -> dict:
     """Rebuild manifest.csv (all finished slides in ``out``), errors.csv, summary.json and mosaics."""
     done = {}
@@ -404,6 +430,7 @@ def finalize(
         "slides_ok": sum(1 for n in names if n in done),
         "slides_failed": len(errors),
         "slides_skipped_already_done": len(skipped),
+        "slides_left_out_modality": list(left_out),
         "tiles_total": len(rows),
         "tiles_per_set": per_set,
         "seconds": round(seconds, 2),
@@ -456,6 +483,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {k:>14}: {v}")
     for f in summary["failed"]:
         lines.append(f"  failed {f['slide']}: {f['error']}")
+    for r in summary.get("slides_left_out_modality", []):
+        lines.append(f"  left out {r['slide']}: {r['stain'] or r['modality']} (--modality)")
     return "\n".join(lines)
 
 

@@ -18,10 +18,15 @@ def test_tiles_over_the_real_folder(wsi_dir, tmp_path, capsys):
     assert "--mpp-override" in errors["tcga-cr-7395-01a-01-ts1"]["error"]
     assert all("\n" not in r["error"] and r["path"].split("/")[-1] in r["error"] for r in errors.values())
     done = {p.stem for p in (out / "done").glob("*.json")}
-    assert done == {"CMU-1-Small-Region", "test3-DAPI-2-387", "wsi2dcm-jpeg", "boxes"}
+    assert done == {"CMU-1-Small-Region", "wsi2dcm-jpeg", "boxes"}  # the fluorescence NDPI is left out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["slide"] for r in summary["slides_left_out_modality"]] == ["test3-DAPI-2-387"]
+    captured = capsys.readouterr()
+    assert "failed" in captured.out and "left out 1 slide(s) that are not brightfield" in captured.err
+    assert main(["tiles", str(wsi_dir / "test3-DAPI-2-387.ndpi"), "--out", str(out), *FAST,
+                 "--modality", "fluorescence"]) == 0
     ndpi = json.loads((out / "done" / "test3-DAPI-2-387.json").read_text())
-    assert ndpi["levels"] == {"1": 2, "2": 3} and ndpi["n_tiles"] == 8
-    assert "failed" in capsys.readouterr().out
+    assert ndpi["levels"] == {"1": 2, "2": 3} and ndpi["n_tiles"] == 8 and ndpi["modality"] == "fluorescence"
 
 
 def test_tcga_with_override_and_ndpi_all_four_mpps(wsi_dir, tmp_path):
@@ -44,6 +49,8 @@ def test_tcga_with_override_and_ndpi_all_four_mpps(wsi_dir, tmp_path):
         "--mpp-override",
         "0.5",
         "--no-qc",
+        "--modality",
+        "any",
     ]
     assert main(args) == 0
     tcga = json.loads((out / "done" / "tcga-cr-7395-01a-01-ts1.json").read_text())
