@@ -71,16 +71,18 @@ def probe_scores(x: np.ndarray, y: np.ndarray, splits: list[np.ndarray], n_class
     from openpluto.eval.knn import knn_predict
     from openpluto.eval.linear import linear_probe_settings, train_linear_probe
     from openpluto.eval.metrics import balanced_accuracy
+    from openpluto.eval.runtime import cpu_threads
 
     kc, lc = KnnConfig(), LinearConfig()
     out: dict[str, list[float]] = {p: [] for p in PROBES}
-    for i, split in enumerate(splits):
-        tr, va, te = (split == s for s in ("train", "val", "test"))
-        pred = knn_predict(x[tr], y[tr], x[te], n_classes, kc.k, kc.temperature).argmax(1)
-        out["knn"].append(balanced_accuracy(y[te], pred))
-        run = train_linear_probe((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), n_classes, seed=i,
-                                 **linear_probe_settings(lc))
-        out["linear"].append(run["balanced_accuracy"])
+    with cpu_threads(1):  # tiny heads: more OpenMP threads only spin
+        for i, split in enumerate(splits):
+            tr, va, te = (split == s for s in ("train", "val", "test"))
+            pred = knn_predict(x[tr], y[tr], x[te], n_classes, kc.k, kc.temperature).argmax(1)
+            out["knn"].append(balanced_accuracy(y[te], pred))
+            run = train_linear_probe((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), n_classes, seed=i,
+                                     **linear_probe_settings(lc))
+            out["linear"].append(run["balanced_accuracy"])
     return out
 
 

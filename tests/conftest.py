@@ -58,6 +58,21 @@ def synth_cohort(synth_dir: Path) -> list[Path]:
     return make_synthetic_cohort(synth_dir / "cohort", n_slides=3, seed=1, size=1024, mpp=(0.5, 0.25))
 
 
+@pytest.fixture
+def huge_header_tiff(tmp_path: Path) -> Path:
+    """A 16 x 16 px tiled TIFF whose header claims 200,000 x 200,000 px (a corrupt size field)."""
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "huge.tiff"
+    tifffile.imwrite(path, np.full((16, 16, 3), 200, np.uint8), tile=(16, 16), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+b") as tf:
+        tf.pages[0].tags["ImageWidth"].overwrite(200_000)
+        tf.pages[0].tags["ImageLength"].overwrite(200_000)
+    return path
+
+
 def pytest_configure(config) -> None:
     """Keep torch (when a test imports it) to the 2 cores of CI without importing it here."""
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))

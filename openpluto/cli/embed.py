@@ -10,9 +10,12 @@ examples:
   openpluto embed a.svs b.ndpi --model pluto4s --patch-size 8 --out feats/   # random init (baseline)
   torchrun --nproc-per-node 4 -m openpluto.cli.main embed slides/ --model M --out feats/
 
-writes DIR/<slide>.h5 (features [N, D] float32, coords [N, 2] int64 level-0 x, y; attrs mpp, tile_size,
-tile_size_level0, patch_size, pooling, model, weights_hash, ...), DIR/errors.csv, DIR/embed_config.json
-and DIR/pictures/<slide>_pc1.png. Finished slides are skipped on rerun.
+writes DIR/<id>.h5 (features [N, D] float32, coords [N, 2] int64 level-0 x, y; attrs mpp, tile_size,
+tile_size_level0, patch_size, pooling, model, weights_hash, slide_id, settings, ...), DIR/errors.csv,
+DIR/summary.json (with --shard I/N: errors.part-I-of-N.csv, ...), DIR/embed_config.json and
+DIR/pictures/<id>_pc1.png. Finished slides are skipped on rerun; other settings are refused (--overwrite).
+
+exit codes: 0 all done, 3 some slides failed, 1 none done or bad usage, 130 interrupted, 143 terminated.
 """
 
 
@@ -38,16 +41,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from openpluto.jobs.exitcodes import run_stage
+
+    return run_stage(lambda: _embed(args), debug=getattr(args, "debug", False))
+
+
+def _embed(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
     from openpluto.embed.config import EmbedConfig
     from openpluto.embed.pipeline import run_embed
+    from openpluto.jobs.exitcodes import batch_exit_code
 
     cfg = config_from_args(EmbedConfig, args)
     summary = run_embed(cfg, progress=not args.no_progress)
-    return 1 if summary.failed and not summary.embedded and not summary.skipped else 0
+    return batch_exit_code(summary.embedded + summary.skipped, summary.failed)
 
 
 def run_pca(args: argparse.Namespace) -> int:
+    """``embed-pca``: exit codes as the other slide commands (0 done, 1 bad slide or usage, 130, 143)."""
+    from openpluto.jobs.exitcodes import run_stage
+
+    return run_stage(lambda: _pca(args), debug=getattr(args, "debug", False))
+
+
+def _pca(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
     from openpluto.embed.config import PcaPictureConfig
     from openpluto.embed.pictures import region_pca_picture

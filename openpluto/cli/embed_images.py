@@ -6,13 +6,11 @@ import argparse
 
 
 def _run(args: argparse.Namespace) -> int:
-    import csv
     import time
 
     from openpluto import __version__
     from openpluto.embed.images import ImageRecords, embed_images, save_image_features
     from openpluto.eval.data import encoder_info, load_encoder_seeded
-    from openpluto.io import atomic_path
 
     t0 = time.perf_counter()
     records = ImageRecords.from_source(args.source)
@@ -50,11 +48,10 @@ def _run(args: argparse.Namespace) -> int:
     if errors:
         from pathlib import Path
 
+        from openpluto.jobs.outputs import error_row, write_errors_csv
+
         err_path = Path(args.out).with_name(Path(args.out).stem + ".errors.csv")
-        with atomic_path(err_path) as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "error"])
-            w.writerows(errors)
+        write_errors_csv(err_path, [error_row("", p, "embed-images", "error", e) for p, e in errors])
         print(f"skipped {len(errors)} unreadable image(s), listed in {err_path}")
     dt = time.perf_counter() - t0
     print(

@@ -13,8 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tissue",
         help="tissue + artifact masks, GeoJSON and QC overlays of slides",
-        description="Write <slide>_mask.png, <slide>_overlay.png, <slide>.geojson (QuPath) and <slide>.json "
-        "per slide into --out; failures go to errors.csv.",
+        description="Write <id>_mask.png, <id>_overlay.png, <id>.geojson (QuPath) and <id>.json per slide "
+        "into --out; failures go to errors.csv. Exit codes: 0 all done, 3 some slides failed, 1 none done or "
+        "bad usage, 130 interrupted, 143 terminated.",
     )
     p.add_argument("slides", nargs="+", help="slide files or folders")
     p.add_argument("--out", required=True, help="output folder")
@@ -23,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=int, default=1, help="slides in parallel (processes)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per slide before it is abandoned")
+    p.add_argument(
+        "--shard", default=None, help="I/N: only shard I of N of the slides (default: Slurm array / torchrun)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo slides already done (also other settings)")
     add_config_args(p, TissueConfig)
     p.set_defaults(func=run_tissue_cmd)
 
@@ -30,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tiles",
         help="cut multi-resolution tiles of usable tissue into WebDataset shards",
         description="Tiles at each --mpp x --tile-size over usable tissue -> OUT/shards/*.tar (jpg + json), "
-        "OUT/manifest.csv, OUT/errors.csv, OUT/summary.json, OUT/qc/. Reruns skip finished slides.",
+        "OUT/manifest.csv, OUT/errors.csv, OUT/summary.json, OUT/qc/. Reruns skip finished slides. "
+        "Exit codes: 0 all done, 3 some slides failed, 1 none done or bad usage, 130 interrupted, "
+        "143 terminated.",
     )
     p.add_argument("slides", nargs="+", help="slide files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder")
@@ -40,15 +47,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_tissue_cmd(args: argparse.Namespace) -> int:
+    from openpluto.jobs.exitcodes import run_stage
+
+    return run_stage(lambda: _tissue(args), debug=getattr(args, "debug", False))
+
+
+def _tissue(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
+    from openpluto.jobs.exitcodes import batch_exit_code
     from openpluto.slide.config import TissueConfig
     from openpluto.slide.tissue_batch import run_tissue
 
     cfg = config_from_args(TissueConfig, args)
-    infos, errors = run_tissue(
-        args.slides, args.out, cfg, mpp_override=args.mpp_override, workers=args.workers, timeout=args.timeout
+    summary = run_tissue(
+        args.slides,
+        args.out,
+        cfg,
+        mpp_override=args.mpp_override,
+        workers=args.workers,
+        timeout=args.timeout,
+        shard=args.shard,
+        overwrite=args.overwrite,
     )
-    for i in infos:
+    for i in summary["infos"]:
         area = (
             f"{i['tissue_mm2']:.2f} mm² tissue"
             if i["tissue_mm2"] is not None
@@ -59,16 +80,21 @@ def run_tissue_cmd(args: argparse.Namespace) -> int:
             or "no artifacts"
         )
         print(f"{i['slide']}: {area}, usable {100 * i['usable_fraction']:.1f}% of the slide; {arts}")
-    print(
-        f"{len(infos)} slides done, {len(errors)} failed (see {args.out}/errors.csv)"
-        if errors
-        else f"{len(infos)} slides done -> {args.out}"
-    )
-    return 0 if infos or not errors else 1
+    already = f" ({summary['already']} already done before)" if summary["already"] else ""
+    failed = f", {summary['failed']} failed (see {args.out}/errors.csv)" if summary["failed"] else ""
+    print(f"{summary['done']} slides done{already}{failed} -> {args.out}")
+    return batch_exit_code(summary["done"], summary["failed"])
 
 
 def run_tiles_cmd(args: argparse.Namespace) -> int:
+    from openpluto.jobs.exitcodes import run_stage
+
+    return run_stage(lambda: _tiles(args), debug=getattr(args, "debug", False))
+
+
+def _tiles(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
+    from openpluto.jobs.exitcodes import batch_exit_code
     from openpluto.slide.config import TilesConfig, TissueConfig
     from openpluto.slide.tiles import format_summary, run_tiles
 
@@ -77,4 +103,5 @@ def run_tiles_cmd(args: argparse.Namespace) -> int:
     summary = run_tiles(args.slides, args.out, cfg, tcfg)
     print(format_summary(summary))
     print(f"-> {args.out}/shards, manifest.csv, errors.csv, summary.json, qc/")
-    return 0 if summary["slides_ok"] or not summary["slides_failed"] else 1
+    done = summary["slides_ok"]
+    return batch_exit_code(done, summary["slides_failed"])

@@ -12,9 +12,8 @@ from typing import Any
 _EXPORTS = {
     "EmbedConfig": "config", "PcaPictureConfig": "config",
     "SlideTileDataset": "dataset", "tile_loader": "dataset",
-    "DistInfo": "distributed", "init_distributed": "distributed", "shard": "distributed",
-    "EmbedSummary": "pipeline", "SlidePlan": "pipeline", "TileEmbedder": "pipeline",
-    "embed_slide": "pipeline", "find_slides": "pipeline", "plan_slide": "pipeline", "run_embed": "pipeline",
+    "EmbedSummary": "cohort", "SlidePlan": "pipeline", "TileEmbedder": "pipeline",
+    "embed_slide": "pipeline", "plan_slide": "pipeline", "run_embed": "pipeline",
     "is_complete": "writer", "open_slide_h5": "writer", "read_slide_h5": "writer",
 }
 __all__ = sorted(_EXPORTS)

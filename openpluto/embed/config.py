@@ -8,9 +8,6 @@ from typing import Literal
 
 from openpluto.errors import ConfigError
 
-SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide",
-                    ".dcm")
-
 
 @dataclass
 class EmbedConfig:
@@ -50,6 +47,11 @@ class EmbedConfig:
     seed: int = field(default=0, metadata={
         "help": "torch seed (makes random-init presets identical per run)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads of the main process"})
+    timeout: float = field(default=900.0, metadata={
+        "help": "seconds to plan one slide (open, tissue mask, grid) before it is abandoned"})
+    shard: str | None = field(default=None, metadata={
+        "help": "I/N: embed only shard I of N of the slides (default: from SLURM_ARRAY_TASK_ID/"
+                "SLURM_ARRAY_TASK_COUNT; torchrun ranks split each shard further)"})
 
     def validate(self) -> None:
         if self.mpp <= 0:
@@ -65,6 +67,8 @@ class EmbedConfig:
             raise ConfigError(f"config key 'workers' must be >= 0, got {self.workers}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"config key 'min_tissue' must be in [0, 1], got {self.min_tissue}")
+        if self.timeout <= 0:
+            raise ConfigError(f"config key 'timeout' must be > 0 seconds, got {self.timeout}")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ConfigError(f"config key 'max_tiles' must be >= 1, got {self.max_tiles}")
 

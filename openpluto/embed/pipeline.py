@@ -11,7 +11,6 @@ and prefetch depth, not by the slide size.
 from __future__ import annotations
 
 import contextlib
-import csv
 import sys
 import threading
 import time
@@ -26,47 +25,13 @@ from tqdm import tqdm
 
 from openpluto import __version__
 from openpluto.config import to_dict
-from openpluto.embed.config import SLIDE_EXTENSIONS, EmbedConfig
+from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
+from openpluto.embed.cohort import EmbedSummary, record_attrs, select_slides, todo_slides, write_parts
+from openpluto.embed.config import EmbedConfig
 from openpluto.embed.dataset import SlideTileDataset, tile_loader
-from openpluto.embed.distributed import DistInfo, barrier, gather_objects, init_distributed, shard, shutdown
-from openpluto.embed.writer import clean_slide_temps, is_complete, open_slide_h5
+from openpluto.embed.writer import clean_slide_temps, open_slide_h5
 from openpluto.errors import ConfigError, OpenPlutoError
-from openpluto.io import atomic_path, write_json_atomic
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def find_slides(inputs: list[str], recursive: bool = False) -> list[Path]:
-    """Slide files named in ``inputs`` (files, or folders searched for slide extensions), sorted, unique."""
-    if not inputs:
-        raise ConfigError("no slides given (pass slide files or folders)")
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            files = [f for f in p.glob(pattern) if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS
-                     and not f.name.startswith(".")]
-            if not files:
-                raise ConfigError(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in folder {p}")
-            found.extend(sorted(files))
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise ConfigError(f"slide or folder {p} does not exist")
-    out, seen = [], set()
-    for f in found:
-        key = f.resolve()
-        if key not in seen:
-            seen.add(key)
-            out.append(f)
-    return out
-
-
-def output_name(path: Path) -> str:
-    """``<stem>`` of the output ``<stem>.h5`` for a slide file."""
-    return path.stem
-
+from openpluto.io import write_json_atomic
 
 # ----------------------------------------------------------------------------- per-slide plan
 
@@ -87,6 +52,7 @@ class SlidePlan:
     thumbnail: np.ndarray = field(repr=False)  # RGB uint8
     thumbnail_downsample: float  # level-0 px per thumbnail px
     total_tiles: int = 0  # before --max-tiles
+    record: dict = field(default_factory=dict)  # slide id, identity, settings (see embed.cohort.record_attrs)
 
 
 def read_level(slide: Any, mpp: float) -> tuple[int, float]:
@@ -95,11 +61,18 @@ def read_level(slide: Any, mpp: float) -> tuple[int, float]:
     return level, float(slide.level_downsamples[level])
 
 
-def plan_slide(path: Path, cfg: EmbedConfig) -> SlidePlan:
-    """Open the slide, find usable tissue and lay the tile grid; reads one tile to fail early."""
+def plan_slide(path: Path, cfg: EmbedConfig, slide_id: str | None = None,
+               mpp_override: float | None = None) -> SlidePlan:
+    """Open the slide, find usable tissue and lay the tile grid; reads one tile to fail early.
+
+    ``slide_id`` names the output (default: the readable file stem); ``mpp_override`` is this slide's
+    µm/px override (default: looked up in ``cfg.mpp_override``).
+    """
+    from openpluto.jobs.slides import readable_stem
     from openpluto.slide import detect_tissue, grid_tiles, open_slide, resolve_mpp
 
-    override = resolve_mpp(path, cfg.mpp_override) if cfg.mpp_override else None
+    path = Path(path)
+    override = mpp_override if mpp_override is not None else resolve_mpp(path, cfg.mpp_override)
     with open_slide(path, mpp_override=override) as slide:
         if not slide.mpp or slide.mpp <= 0:
             raise OpenPlutoError(f"{path}: no µm/px in the slide metadata; give --mpp-override VALUE or "
@@ -124,7 +97,7 @@ def plan_slide(path: Path, cfg: EmbedConfig) -> SlidePlan:
                    allow_upsample=cfg.allow_upsample)
         level, level_ds = read_level(slide, cfg.mpp)
         return SlidePlan(
-            path=path, name=output_name(path), coords=coords, tissue_fraction=frac,
+            path=path, name=slide_id or readable_stem(path), coords=coords, tissue_fraction=frac,
             slide_mpp=float(slide.mpp), level=level, level_downsample=level_ds,
             tile_size_level0=int(round(cfg.tile_size * cfg.mpp / slide.mpp)), mpp_override=override,
             thumbnail=np.asarray(result.thumbnail), thumbnail_downsample=float(result.downsample),
@@ -191,7 +164,7 @@ def slide_attrs(plan: SlidePlan, cfg: EmbedConfig, encoder: Any, patch_size: int
         "level": int(plan.level), "level_downsample": float(plan.level_downsample),
         "embed_dim": int(feature_dim), "num_tiles": len(plan.coords),
         "num_tissue_tiles": int(plan.total_tiles),
-        "min_tissue": float(cfg.min_tissue), "dtype": dtype,
+        "min_tissue": float(cfg.min_tissue), "dtype": dtype, **plan.record,
     }
 
 
@@ -246,31 +219,6 @@ def embed_slide(plan: SlidePlan, embedder: TileEmbedder, cfg: EmbedConfig, out_p
 # ----------------------------------------------------------------------------- cohort
 
 
-@dataclass
-class EmbedSummary:
-    slides: int = 0
-    embedded: int = 0
-    skipped: int = 0
-    failed: int = 0
-    tiles: int = 0
-    seconds: float = 0.0
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    def merge(self, other: EmbedSummary) -> None:
-        self.slides += other.slides
-        self.embedded += other.embedded
-        self.skipped += other.skipped
-        self.failed += other.failed
-        self.tiles += other.tiles
-        self.seconds = max(self.seconds, other.seconds)
-        self.errors.extend(other.errors)
-
-    def line(self) -> str:
-        rate = self.tiles / self.seconds if self.seconds > 0 else 0.0
-        return (f"embedded {self.embedded} slide(s), {self.tiles} tiles in {self.seconds:.1f} s "
-                f"({rate:.1f} tiles/s); skipped {self.skipped} already done; {self.failed} failed")
-
-
 def one_line(exc: BaseException) -> str:
     """A one-line message for errors.csv (DataLoader worker errors carry a whole traceback)."""
     text = str(exc).strip() or type(exc).__name__
@@ -285,31 +233,6 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
-def settings_mismatch(path: Path, expected: dict[str, Any]) -> str:
-    """``"mpp 0.5 != 1.0, ..."`` for attributes of a finished file that differ from this run ('' if none)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        attrs = dict(f.attrs)
-    diffs = []
-    for k, want in expected.items():
-        have = attrs.get(k)
-        have = have.decode() if isinstance(have, bytes) else have
-        same = np.isclose(float(have), float(want)) if isinstance(want, float) and have is not None \
-            else str(have) == str(want)
-        if not same:
-            diffs.append(f"{k} {have} != {want}")
-    return ", ".join(diffs)
-
-
-def write_errors_csv(path: Path, errors: list[tuple[str, str]]) -> None:
-    """``slide,error`` rows (header only when every slide succeeded), atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["slide", "error"])
-        w.writerows(sorted(errors))
-
-
 def resolve_device(spec: str, info: DistInfo) -> torch.device:
     if spec == "auto":
         return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -321,22 +244,48 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
     return dev
 
 
+class PlanError(OpenPlutoError):
+    """Planning one slide failed, timed out (``kind="timeout"``) or crashed; the message is one line."""
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def plan_isolated(path: Path, cfg: EmbedConfig, slide_id: str, mpp_override: float | None) -> SlidePlan:
+    """``plan_slide`` in its own process with ``cfg.timeout``: a reader that hangs (a corrupt header,
+    a huge level read) or crashes costs that slide only, never the run. The model stays in this process."""
+    from openpluto.jobs.isolate import run_isolated
+
+    (o,) = run_isolated(plan_slide, [(slide_id, (path, cfg, slide_id, mpp_override))], workers=1,
+                        timeout=cfg.timeout, start_method="forkserver")
+    if not o.ok:
+        raise PlanError(o.error, o.kind)
+    return o.value
+
+
 class _Planner:
     """Plans the next slide in a background thread while the current one is on the model.
 
-    The thread is started only after the current slide's DataLoader has forked its workers and is
-    joined before the next fork, so no fork ever happens while it is inside OpenSlide or numpy.
+    The plan itself runs in a process started by a fork server (``plan_isolated``), so this thread
+    never forks the model process; the thread is started only after the current slide's DataLoader
+    has forked its workers and is joined before the next fork.
     """
 
     def __init__(self, cfg: EmbedConfig):
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(["openpluto.embed.pipeline"])
         self.cfg = cfg
         self._thread: threading.Thread | None = None
         self._result: tuple[SlidePlan | None, BaseException | None] = (None, None)
 
-    def start(self, path: Path) -> None:
+    def start(self, path: Path, slide_id: str, mpp_override: float | None, record: dict) -> None:
         def work() -> None:
             try:
-                self._result = (plan_slide(path, self.cfg), None)
+                plan = plan_isolated(path, self.cfg, slide_id, mpp_override)
+                plan.record = record
+                self._result = (plan, None)
             except Exception as e:  # noqa: BLE001 - reported per slide
                 self._result = (None, e)
 
@@ -361,31 +310,33 @@ def load_model(cfg: EmbedConfig, device: torch.device) -> Any:
 
 
 def run_embed(cfg: EmbedConfig, progress: bool = True, log=print) -> EmbedSummary:
-    """Embed every slide of ``cfg.inputs`` into ``cfg.out``; per-slide failures go to ``errors.csv``."""
+    """Embed this process's share of ``cfg.inputs`` into ``cfg.out``; per-slide failures go to ``errors.csv``.
+
+    Inputs, the model and earlier outputs are checked before anything is written, so a failed start
+    leaves no ``out`` folder behind.
+    """
+    from openpluto.slide.mpp import MppOverrides
+
     cfg.validate()
     if not cfg.out:
         raise ConfigError("no output folder given (--out DIR)")
     out_dir = Path(cfg.out)
-    paths = find_slides(list(cfg.inputs), cfg.recursive)
-    info = init_distributed("cuda" if cfg.device.startswith("cuda") or
-                            (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    overrides = MppOverrides.parse(cfg.mpp_override)
+    cohort = select_slides(cfg, out_dir)
+    info = init_distributed(use_cuda=cfg.device.startswith("cuda") or
+                            (cfg.device == "auto" and torch.cuda.is_available()))
     threads = torch.get_num_threads()
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        return _run(cfg, paths, out_dir, info, progress, log)
+        return _run(cfg, cohort, overrides, out_dir, info, progress, log)
     finally:
         torch.set_num_threads(threads)
-        shutdown(info)
+        cleanup_distributed(info)
 
 
-def _run(cfg: EmbedConfig, paths: list[Path], out_dir: Path, info: DistInfo, progress: bool,
-         log) -> EmbedSummary:
-    t0 = time.perf_counter()
-    device = resolve_device(cfg.device, info)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    out_dir.mkdir(parents=True, exist_ok=True)
-
+def _load_checked(cfg: EmbedConfig, device: torch.device) -> tuple[Any, int]:
+    """(encoder, patch size) after checking the patch size fits the model and the tile."""
     encoder = load_model(cfg, device)
     patch_size = int(cfg.patch_size or encoder.default_patch_size)
     sizes = tuple(int(s) for s in getattr(encoder, "patch_sizes", (patch_size,)) or (patch_size,))
@@ -393,6 +344,21 @@ def _run(cfg: EmbedConfig, paths: list[Path], out_dir: Path, info: DistInfo, pro
         raise ConfigError(f"model {encoder.name} supports patch sizes {sizes}, not --patch-size {patch_size}")
     if cfg.tile_size % patch_size:
         raise ConfigError(f"--tile-size {cfg.tile_size} is not divisible by the patch size {patch_size}")
+    return encoder, patch_size
+
+
+def _run(cfg: EmbedConfig, cohort: Any, overrides: Any, out_dir: Path, info: DistInfo, progress: bool,
+         log) -> EmbedSummary:
+    from openpluto.jobs.outputs import error_row, slide_message
+    from openpluto.jobs.runner import stderr_writer
+    from openpluto.jobs.slides import report_skipped
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device, info)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    encoder, patch_size = _load_checked(cfg, device)
+    todo = todo_slides(cohort, cfg, out_dir, encoder, patch_size, overrides)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         write_json_atomic(out_dir / "embed_config.json",
                           {**to_dict(cfg), "model_name": str(encoder.name),
@@ -400,88 +366,64 @@ def _run(cfg: EmbedConfig, paths: list[Path], out_dir: Path, info: DistInfo, pro
                            "compute_dtype": dtype, "openpluto_version": __version__,
                            "world_size": info.world_size})
     embedder = TileEmbedder(encoder, device, patch_size, cfg.pooling, dtype, tokens=cfg.save_patch_tokens)
+    say = stderr_writer(progress)
+    report_skipped(cohort.skipped, say)
+    for n in todo.notes:
+        say(n)
+    summary = EmbedSummary(slides=len(cohort.mine) + cohort.skipped_failures, skipped=len(todo.already),
+                           failed=cohort.skipped_failures, errors=cohort.skipped_rows("embed"))
+    jobs = todo.slides
+    for ref, _, _ in jobs:
+        clean_slide_temps(out_dir, ref.id)
 
-    # Same output name from two folders would overwrite: the later ones are errors.
-    summary = EmbedSummary(slides=0)
-    owner: dict[str, Path] = {}
-    unique: list[Path] = []
-    for p in paths:
-        name = output_name(p)
-        if name in owner:
-            if info.is_main:
-                summary.errors.append((str(p), f"another slide ({owner[name]}) already writes {name}.h5; "
-                                               "rename one of them"))
-                summary.failed += 1
-            continue
-        owner[name] = p
-        unique.append(p)
-    if info.is_main:
-        summary.slides += len(paths) - len(unique)
-
-    expected = {"mpp": float(cfg.mpp), "tile_size": int(cfg.tile_size), "patch_size": patch_size,
-                "pooling": cfg.pooling, "model": str(encoder.name), "weights_hash": str(encoder.weights_hash)}
-    todo: list[Path] = []
-    sizes = [p.stat().st_size for p in unique]  # balance ranks by file size (same split on every rank)
-    for p in shard(unique, info.rank, info.world_size, weights=sizes):
-        summary.slides += 1
-        target = out_dir / f"{output_name(p)}.h5"
-        clean_slide_temps(out_dir, output_name(p))
-        if not cfg.overwrite and is_complete(target):
-            differ = settings_mismatch(target, expected)
-            if differ:
-                summary.failed += 1
-                summary.errors.append((str(p), f"{target} exists with other settings ({differ}); use "
-                                               "--overwrite or another --out"))
-            else:
-                summary.skipped += 1
-        else:
-            todo.append(p)
-
-    outer = tqdm(total=len(todo), desc=f"embed rank {info.rank}" if info.distributed else "embed",
+    outer = tqdm(total=len(jobs), desc=f"embed rank {info.rank}" if info.distributed else "embed",
                  unit="slide", position=0, disable=not progress, dynamic_ncols=True)
     planner = _Planner(cfg)
-    if todo:
-        planner.start(todo[0])
-    for i, path in enumerate(todo):
+
+    def start(k: int) -> None:
+        ref, identity, settings = jobs[k]
+        planner.start(ref.path, ref.id, settings["mpp_override"], record_attrs(ref.id, identity, settings))
+
+    if jobs:
+        start(0)
+    for i, (ref, _, _) in enumerate(jobs):
         plan, err = planner.get()
         started = False
 
         def start_next(i: int = i) -> None:
             nonlocal started
-            if not started and i + 1 < len(todo):
-                planner.start(todo[i + 1])
+            if not started and i + 1 < len(jobs):
+                start(i + 1)
             started = True
 
         try:
             if err is not None:
                 raise err
             assert plan is not None
-            summary.tiles += embed_slide(plan, embedder, cfg, out_dir / f"{plan.name}.h5", patch_size, dtype,
+            summary.tiles += embed_slide(plan, embedder, cfg, out_dir / f"{ref.id}.h5", patch_size, dtype,
                                          progress=progress, on_loading=start_next)
             summary.embedded += 1
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - one bad slide must not stop the cohort
+            line = slide_message(ref.path, one_line(e))
             summary.failed += 1
-            summary.errors.append((str(path), one_line(e)))
-            if progress:
-                tqdm.write(f"failed: {path}: {one_line(e)}", file=sys.stderr)
+            summary.errors.append(error_row(ref.id, ref.path, "embed", getattr(e, "kind", "error"), line))
+            say(f"error: {line}")
         finally:
             del plan
         start_next()
         outer.update(1)
     outer.close()
     summary.seconds = time.perf_counter() - t0
+    write_parts(out_dir, cohort.shard, summary)
 
-    parts = gather_objects(summary, info)
     total = EmbedSummary()
-    for s in parts:
+    for s in gather_objects(summary, info):
         total.merge(s)
-    if info.is_main:
-        write_errors_csv(out_dir / "errors.csv", total.errors)
-        if log is not None:
-            random = " [RANDOM-INIT model: baseline features]" if encoder.weights_hash == "random-init" \
-                else ""
-            log(total.line() + (f" -> {out_dir / 'errors.csv'}" if total.failed else "") + random)
+    if info.is_main and log is not None:
+        random = " [RANDOM-INIT model: baseline features]" if encoder.weights_hash == "random-init" else ""
+        errors = " -> errors.csv" if total.failed else ""
+        log(total.line() + errors + random)
     barrier(info)
     return total

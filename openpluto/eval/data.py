@@ -70,8 +70,21 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return [str(s) for s in out]
 
 
+def require_classes(classes, labels, source) -> None:
+    """Refuse a classification task with fewer than 2 classes: it can only ever score 1.0."""
+    present = sorted({str(classes[int(i)]) for i in labels}) if len(labels) else []
+    if len(present) < 2:
+        found = f"only class {present[0]!r}" if present else "no labelled items"
+        raise OpenPlutoError(
+            f"{source}: {found}; a classifier needs at least 2 classes (one folder or label per class)"
+        )
+
+
 def ensure_split(records, val_fraction: float, test_fraction: float, seed: int) -> tuple[object, dict]:
-    """Records with a split (a seeded stratified one made if the source has none) + provenance dict."""
+    """Records with a split (a seeded stratified one made if the source has none) + provenance dict.
+
+    Refuses fewer than 2 classes (one line naming the source)."""
+    require_classes(records.classes, records.labels, records.source)
     if records.has_split:
         info = {"split": "given"}
     elif any(records.splits):

@@ -94,7 +94,7 @@ def run_abmil(cfg: AbmilConfig) -> dict:
     import h5py
 
     from openpluto.eval.abmil import load_bags, read_slide_labels, train_abmil
-    from openpluto.eval.data import split_counts, stratified_split
+    from openpluto.eval.data import require_classes, split_counts, stratified_split
     from openpluto.io import sha256_file
 
     if not cfg.features or not cfg.labels:
@@ -104,6 +104,7 @@ def run_abmil(cfg: AbmilConfig) -> dict:
     slides = [r["slide"] for r in rows]
     classes = sorted({r["label"] for r in rows})
     labels = np.array([classes.index(r["label"]) for r in rows])
+    require_classes(classes, labels, cfg.labels)
     if "split" in rows[0]:
         from openpluto.embed.images import normalise_split
 

@@ -69,6 +69,14 @@ class TilesConfig:
         default=None, metadata={"help": "µm/px for slides without it: a number or a CSV slide,mpp"}
     )
     seed: int = field(default=0, metadata={"help": "seed of tile sampling"})
+    shard: str | None = field(
+        default=None,
+        metadata={"help": "I/N: tile only shard I of N of the slides (default: from SLURM_ARRAY_TASK_ID/"
+                  "SLURM_ARRAY_TASK_COUNT and torchrun's RANK/WORLD_SIZE, else all)"},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "redo slides already tiled (also with other settings)"}
+    )
     qc: bool = field(default=True, metadata={"help": "write QC overlay, mask PNG, GeoJSON and mosaics"})
     modality: str = field(
         default="brightfield",

@@ -27,6 +27,12 @@ LEVEL_SLACK = 1.02
 RESAMPLE = Image.Resampling.BILINEAR
 # Thumbnails of levels larger than this (level px per side) are built chunk by chunk.
 _CHUNK = 4096
+# Header sanity: a single-file slide must hold at least one byte per this many level-0 pixels. Real
+# scans hold 1 byte per 3-300 px (JPEG of tissue and of blank glass); a header claiming far more
+# pixels than the file can hold is corrupt and would make a whole-slide read run for hours.
+MAX_PIXELS_PER_BYTE = 10_000
+# Formats whose pixels live in other files (MRXS/VMS data folders, DICOM series): not size-checked.
+_MULTI_FILE = (".mrxs", ".vms", ".vmu", ".dcm")
 
 
 class SlideError(OpenPlutoError):
@@ -37,10 +43,18 @@ def _clean(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _lib_error(e: BaseException, path: Path) -> str:
+    """A library's one-line message without the file name it repeats (the caller names the file once)."""
+    msg = _clean(e)
+    for name in (str(path), path.name):
+        msg = msg.replace(f"Reading {name}: ", "").replace(f"{name}: ", "").replace(name, "the file")
+    return msg
+
+
 def _parse_mpp(props: dict, keys: tuple[str, ...]) -> float | None:
     for k in keys:
         v = props.get(k)
-        if v in (None, ""):
+        if v is None or (isinstance(v, str) and not v.strip()):
             continue
         try:
             f = float(v)
@@ -73,8 +87,9 @@ class Slide:
             (int(w), int(h)) for w, h in handle.level_dimensions
         )
         self.level_downsamples: tuple[float, ...] = tuple(float(d) for d in handle.level_downsamples)
-        props = dict(handle.properties)
-        self.vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor") or backend
+        props = read_properties(handle, self.path)
+        vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor")
+        self.vendor = vendor if isinstance(vendor, str) and vendor else backend
         self.properties = props
 
     # ------------------------------------------------------------------ context manager
@@ -218,6 +233,35 @@ class Slide:
         return out, w0 / tw
 
 
+def read_properties(handle, path: Path) -> dict:
+    """The handle's metadata; a property that cannot be read (bit rot) is a one-line SlideError."""
+    out = {}
+    for key in list(handle.properties):
+        try:
+            out[key] = handle.properties[key]
+        except KeyError:
+            raise SlideError(
+                f"{path}: the slide metadata is corrupt (property {key!r} cannot be read); the file is "
+                "damaged: copy it again from the scanner or re-export it"
+            ) from None
+    return out
+
+
+def check_header(path: Path, dimensions: tuple[int, int], file_size: int | None = None) -> None:
+    """Refuse a single-file slide whose header claims more level-0 pixels than the file can hold."""
+    if path.suffix.lower() in _MULTI_FILE:
+        return
+    w, h = dimensions
+    size = path.stat().st_size if file_size is None else file_size
+    if w <= 0 or h <= 0:
+        raise SlideError(f"{path}: the header gives an empty image ({w} x {h} px); the file is damaged")
+    if w * h > max(size, 1) * MAX_PIXELS_PER_BYTE:
+        raise SlideError(
+            f"{path}: the header claims {w} x {h} px but the file holds only {size:,} bytes; the header is "
+            "corrupt or the file truncated: copy it again or re-export it"
+        )
+
+
 def _metadata_mpp(props: dict) -> float | None:
     mpp = _parse_mpp(props, ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP"))
     return mpp
@@ -241,7 +285,7 @@ def open_slide(path: str | os.PathLike, mpp_override: float | None = None, requi
 
         handle, backend = openslide.OpenSlide(str(path)), "openslide"
     except Exception as e:
-        errors.append(f"openslide: {_clean(e)}")
+        errors.append(f"openslide: {_lib_error(e, path)}")
     if handle is None and path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf", ".ome.tif", ".qptiff"):
         try:
             import tiffslide
@@ -250,22 +294,35 @@ def open_slide(path: str | os.PathLike, mpp_override: float | None = None, requi
             _ = handle.level_dimensions
         except Exception as e:
             handle = None
-            errors.append(f"tiffslide: {_clean(e)}")
+            errors.append(f"tiffslide: {_lib_error(e, path)}")
     if handle is None:
         raise SlideError(f"{path}: cannot open as a slide ({'; '.join(errors)})")
-    props = dict(handle.properties)
-    mpp, source = _metadata_mpp(props), "metadata"
-    if mpp is None and mpp_override is not None:
+    try:
+        check_header(path, tuple(int(v) for v in handle.dimensions))
+        mpp, source = _choose_mpp(path, read_properties(handle, path), mpp_override, require_mpp)
+        return Slide(path, handle, backend, mpp, source)
+    except OpenPlutoError:
+        handle.close()
+        raise
+    except Exception as e:
+        handle.close()
+        raise SlideError(f"{path}: unreadable header ({_lib_error(e, path)}); the file is damaged") from None
+
+
+def _choose_mpp(
+    path: Path, props: dict, mpp_override: float | None, require_mpp: bool
+) -> tuple[float | None, str | None]:
+    """(µm/px, source): the metadata's, else the override; a one-line SlideError if required and absent."""
+    mpp = _metadata_mpp(props)
+    if mpp is not None:
+        return mpp, "metadata"
+    if mpp_override is not None:
         if not (mpp_override > 0 and math.isfinite(mpp_override)):
-            handle.close()
             raise SlideError(f"{path}: --mpp-override must be a positive number, got {mpp_override}")
-        mpp, source = float(mpp_override), "override"
-    if mpp is None:
-        source = None
-        if require_mpp:
-            handle.close()
-            raise SlideError(
-                f"{path}: no µm/px in the slide metadata; pass --mpp-override VALUE "
-                "(or a CSV with columns slide,mpp)"
-            )
-    return Slide(path, handle, backend, mpp, source)
+        return float(mpp_override), "override"
+    if require_mpp:
+        raise SlideError(
+            f"{path}: no µm/px in the slide metadata; pass --mpp-override VALUE "
+            "(or a CSV with columns slide,mpp)"
+        )
+    return None, None

@@ -1,16 +1,18 @@
-"""Slides -> multi-resolution tiles of usable tissue in WebDataset tar shards, resumable.
+"""Slides -> multi-resolution tiles of usable tissue in WebDataset tar shards, resumable and shardable.
 
 Layout of ``OUT``::
 
-    shards/<slide>-000000.tar     samples: <key>.jpg (RGB tile) + <key>.json (metadata)
-    manifests/<slide>.csv         one row per tile of that slide
-    done/<slide>.json             per-slide summary; written last, marks the slide finished
-    qc/<slide>_overlay.png, qc/<slide>_mask.png, qc/<slide>.geojson, qc/mosaic_mpp<m>.png
-    manifest.csv, errors.csv, summary.json
+    shards/<id>-000000.tar        samples: <key>.jpg (RGB tile) + <key>.json (metadata), webdataset's writer
+    manifests/<id>.csv            one row per tile of that slide
+    done/<id>.json                per-slide record (slide identity, settings + fingerprint, counts);
+                                  written last, marks the slide finished
+    qc/<id>_overlay.png, qc/<id>_mask.png, qc/<id>.geojson, qc/mosaic_mpp<m>.png
+    manifest.csv, errors.csv, summary.json      (``--shard I/N``: manifest.part-I-of-N.csv, ...)
 
-A slide's shards are written under ``shards/.partial/<slide>/`` and renamed into place only when
-the slide is complete; a rerun skips slides with a done marker and redoes the others from scratch
-(deleting their partial or orphaned shards), so a killed run never leaves duplicates or partial shards.
+``<id>`` is the slide id (:func:`openpluto.jobs.slides.assign_ids`). A slide's shards are written under
+``shards/.partial/<id>/`` and renamed into place only when the slide is complete; a rerun skips slides
+whose record matches the slide file and the settings, refuses other settings (``--overwrite`` redoes)
+and redoes the others from scratch, so a killed run never leaves duplicates or partial shards.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tarfile
 import time
 from collections.abc import Iterable, Sequence
@@ -33,23 +34,12 @@ from PIL import Image
 
 from openpluto.config import from_dict, to_dict
 from openpluto.io import atomic_path, write_json_atomic, write_text_atomic
+from openpluto.jobs.outputs import part_name, read_csv_union
+from openpluto.jobs.slides import SLIDE_EXTENSIONS
 from openpluto.slide.config import TilesConfig, TissueConfig
 
-SLIDE_EXTENSIONS = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".vms",
-    ".vmu",
-    ".scn",
-    ".mrxs",
-    ".svslide",
-    ".bif",
-    ".dcm",
-    ".qptiff",
-    ".btf",
-)
+__all__ = ["SLIDE_EXTENSIONS", "run_tiles", "read_tile_manifest", "tile_slide", "tile_key"]
+
 MANIFEST_COLUMNS = (
     "key",
     "shard",
@@ -64,51 +54,14 @@ MANIFEST_COLUMNS = (
     "tissue_fraction",
     "modality",
 )
-ERROR_COLUMNS = ("slide", "path", "kind", "error")
+# TilesConfig fields that do not change the tiles (how the run goes, not what it makes).
+RUN_FIELDS = ("workers", "timeout", "qc", "mpp_override", "shard", "overwrite", "modality")
 
 
-# ----------------------------------------------------------------------------- inputs and names
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Slide files from files and folders (folders searched recursively by slide extension)."""
-    from openpluto.slide.reader import SlideError
-
-    out: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            out.extend(
-                sorted(
-                    q
-                    for q in p.rglob("*")
-                    if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS and not q.name.startswith(".")
-                )
-            )
-        elif p.exists():
-            out.append(p)
-        else:
-            raise SlideError(f"{p}: no such slide file or folder")
-    seen: set[Path] = set()
-    uniq = []
-    for p in out:
-        r = p.resolve()
-        if r not in seen:
-            seen.add(r)
-            uniq.append(p)
-    return uniq
-
-
-def slide_names(paths: Sequence[Path]) -> list[str]:
-    """Unique, file-system and WebDataset-safe names (file stems; a short hash resolves clashes)."""
-    base = [re.sub(r"[^A-Za-z0-9_-]+", "_", p.stem) or "slide" for p in paths]
-    counts: dict[str, int] = {}
-    for b in base:
-        counts[b] = counts.get(b, 0) + 1
-    return [
-        b if counts[b] == 1 else f"{b}_{hashlib.sha1(str(p.resolve()).encode()).hexdigest()[:8]}"
-        for b, p in zip(base, paths)
-    ]
+def tiles_settings(cfg: TilesConfig, tissue_cfg: TissueConfig, mpp_override: float | None) -> dict:
+    """What shapes a slide's tiles: the tile settings, the tissue settings and its µm/px override."""
+    tiles = {k: v for k, v in to_dict(cfg).items() if k not in RUN_FIELDS}
+    return {**tiles, "mpp_override": mpp_override, "tissue": to_dict(tissue_cfg)}
 
 
 def tile_key(name: str, mpp: float, size: int, x: int, y: int) -> str:
@@ -123,40 +76,24 @@ def _shard_re(name: str) -> re.Pattern:
 # ----------------------------------------------------------------------------- shard writer
 
 
-class ShardWriter:
-    """Tar shards of at most ``max_count`` samples: ``<folder>/<name>-000000.tar``, ..."""
+def shard_writer(folder: Path, slide_id: str, max_count: int):
+    """webdataset's ShardWriter: ``<folder>/<id>-000000.tar``, ... of at most ``max_count`` samples.
 
-    def __init__(self, folder: Path, name: str, max_count: int):
-        self.folder, self.name, self.max_count = Path(folder), name, max_count
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.index, self.count, self.tar, self.paths = -1, 0, None, []
+    USTAR tars with mtime 0, so the same tiles always give the same bytes.
+    """
+    import webdataset as wds  # lazily: not every machine that imports openpluto has it
 
-    def _next(self) -> None:
-        self.close()
-        self.index += 1
-        path = self.folder / f"{self.name}-{self.index:06d}.tar"
-        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed in close()
-        self.paths.append(path)
-        self.count = 0
-
-    def _add(self, member: str, data: bytes) -> None:
-        info = tarfile.TarInfo(member)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        self.tar.addfile(info, io.BytesIO(data))
-
-    def write(self, key: str, sample: dict[str, bytes]) -> str:
-        """Add one sample (extension -> bytes); return the shard file name."""
-        if self.tar is None or self.count >= self.max_count:
-            self._next()
-        for ext, data in sample.items():
-            self._add(f"{key}.{ext}", data)
-        self.count += 1
-        return self.paths[-1].name
-
-    def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tar = None
+    folder.mkdir(parents=True, exist_ok=True)
+    return wds.ShardWriter(
+        str(folder / f"{slide_id}-%06d.tar"),
+        maxcount=max_count,
+        maxsize=float("inf"),
+        verbose=0,
+        mtime=0,
+        user="",
+        group="",
+        mode=0o644,
+    )
 
 
 def _jpeg(img: Image.Image, quality: int) -> bytes:
@@ -168,13 +105,19 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 # ----------------------------------------------------------------------------- one slide
 
 
-def plan_tiles(slide, result, cfg: TilesConfig, name: str) -> tuple[list[tuple], list[str]]:
-    """Tile sets [(mpp, size, level, coords [N, 3])] and warnings (targets refused for this slide)."""
+def plan_tiles(slide, result, cfg: TilesConfig, slide_id: str) -> tuple[list[tuple], list[str]]:
+    """Tile sets [(mpp, size, level, coords [N, 3])] and warnings (targets refused for this slide).
+
+    A target finer than the scan (without ``allow_upsample``) or a tile larger than the slide is
+    refused with a warning; when every target is refused, or no tile has enough usable tissue, the
+    slide fails with one line (a slide never "succeeds" with 0 tiles).
+    """
     from openpluto.slide.reader import SlideError
     from openpluto.slide.tissue import grid_tiles
 
     sets, warnings = [], []
-    seed = int(hashlib.sha1(name.encode()).hexdigest()[:8], 16) ^ cfg.seed
+    seed = int(hashlib.sha1(slide_id.encode()).hexdigest()[:8], 16) ^ cfg.seed
+    w0, h0 = slide.dimensions
     for mpp in cfg.mpp:
         try:
             level = slide.level_for_mpp(mpp, cfg.allow_upsample)
@@ -182,96 +125,123 @@ def plan_tiles(slide, result, cfg: TilesConfig, name: str) -> tuple[list[tuple],
             warnings.append(str(e))
             continue
         for size in cfg.tile_size:
+            size_l0 = size * mpp / slide.mpp
+            if size_l0 > min(w0, h0):
+                warnings.append(
+                    f"{slide.path}: a {size} px tile at {mpp:g} µm/px spans {size_l0:.0f} level-0 px, more "
+                    f"than the slide ({w0} x {h0} px); use a smaller --tile-size or a finer --mpp"
+                )
+                continue
             coords = grid_tiles(slide, result, mpp, size, cfg.min_tissue, cfg.overlap)
             if cfg.tiles_per_slide and len(coords) > cfg.tiles_per_slide:
                 rng = np.random.default_rng([seed, int(mpp * 1000), size])
                 pick = np.sort(rng.choice(len(coords), cfg.tiles_per_slide, replace=False))
                 coords = coords[pick]
             sets.append((float(mpp), int(size), int(level), coords))
+    if not sets:
+        prefix = f"{slide.path}: "
+        reasons = dict.fromkeys(w[len(prefix) :] if w.startswith(prefix) else w for w in warnings)
+        raise SlideError(prefix + "; ".join(reasons))
+    if not any(len(c) for *_, c in sets):
+        raise SlideError(
+            f"{slide.path}: no tile has >= {cfg.min_tissue:.0%} usable tissue at any --mpp x --tile-size "
+            "(lower --min-tissue, or check the mask with `openpluto tissue`)"
+        )
     return sets, warnings
 
 
-def tile_slide(
-    path: str, out: str, name: str, cfg_dict: dict, tissue_dict: dict, mpp_override: float | None
+def _modality(result) -> dict:
+    """What a slide's outputs record about its modality (see ``openpluto.slide.tissue``)."""
+    return {"modality": result.modality, "stain": result.stain, "dab_fraction": result.dab_fraction}
+
+
+def _tile_meta(
+    slide, path: str, slide_id: str, mpp: float, size: int, level: int, x: int, y: int, frac: float
 ) -> dict:
-    """Tile one slide into ``out`` (run inside a worker process); return its summary dict."""
+    return {
+        "slide": slide_id,
+        "path": str(path),
+        "x": x,
+        "y": y,
+        "mpp": mpp,
+        "size": size,
+        "size_l0": round(size * mpp / slide.mpp, 3),
+        "level": level,
+        "level_downsample": slide.level_downsamples[level],
+        "tissue_fraction": round(float(frac), 4),
+        "slide_mpp": slide.mpp,
+    }
+
+
+def _write_tiles(
+    slide, path: str, slide_id: str, sets: list[tuple], cfg: TilesConfig, partial: Path, modality: dict
+) -> list[dict]:
+    """Read and JPEG-encode every planned tile into ``partial`` shards; return the manifest rows.
+
+    ``modality`` (:func:`_modality`) goes into every tile's json; the manifest gets one word of it.
+    """
+    rows: list[dict] = []
+    writer = shard_writer(partial, slide_id, cfg.shard_size)
+    try:
+        for mpp, size, level, coords in sets:
+            for x, y, frac in coords:
+                x, y = int(x), int(y)
+                img = slide.read_image(x, y, size, mpp, allow_upsample=cfg.allow_upsample)
+                key = tile_key(slide_id, mpp, size, x, y)
+                meta = {**_tile_meta(slide, path, slide_id, mpp, size, level, x, y, frac),
+                        "modality": modality["modality"], "stain": modality["stain"]}
+                writer.write(
+                    {"__key__": key, "jpg": _jpeg(img, cfg.jpeg_quality), "json": json.dumps(meta).encode()}
+                )
+                shard = Path(writer.fname).name
+                rows.append(
+                    {
+                        **{k: meta[k] for k in ("slide", "path", "x", "y", "mpp", "level")},
+                        "key": key,
+                        "shard": f"shards/{shard}",
+                        "tile_size": size,
+                        "size_l0": meta["size_l0"],
+                        "tissue_fraction": meta["tissue_fraction"],
+                        "modality": modality["stain"] or modality["modality"],  # he, ihc, fluorescence
+                    }
+                )
+    finally:
+        writer.close()
+    return rows
+
+
+def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
+    """Tile one slide (a :class:`openpluto.jobs.cohort.SlideJob`) into ``out`` (run inside a worker
+    process); return its record (``done/<id>.json``)."""
     from openpluto.slide import geojson, qc
     from openpluto.slide.reader import open_slide
     from openpluto.slide.tissue import detect_tissue
 
     t0 = time.time()
+    path, slide_id = job.path, job.slide_id
     cfg = from_dict(TilesConfig, cfg_dict)
     tcfg = from_dict(TissueConfig, tissue_dict)
     out_p = Path(out)
     shards_dir = out_p / "shards"
-    partial = shards_dir / ".partial" / name
-    _forget_slide(out_p, name)
-    partial.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    counts: dict[str, int] = {}
-    levels: dict[str, int] = {}
-    with open_slide(path, mpp_override=mpp_override) as slide:
+    partial = shards_dir / ".partial" / slide_id
+    _forget_slide(out_p, slide_id)
+    with open_slide(path, mpp_override=job.mpp_override) as slide:
         result = detect_tissue(slide, tcfg)
         t_mask = time.time() - t0
-        if not result.matches_modality(cfg.modality):  # no done marker: a rerun may ask for it
-            shutil.rmtree(partial, ignore_errors=True)
-            return {"slide": name, "path": str(path), "status": "left_out", **_modality(result)}
-        sets, warnings = plan_tiles(slide, result, cfg, name)
-        writer = ShardWriter(partial, name, cfg.shard_size)
-        try:
-            for mpp, size, level, coords in sets:
-                size_l0 = size * mpp / slide.mpp
-                levels[f"{mpp:g}"] = level
-                counts[f"{mpp:g}um_{size}px"] = len(coords)
-                for x, y, frac in coords:
-                    x, y = int(x), int(y)
-                    img = slide.read_image(x, y, size, mpp, allow_upsample=cfg.allow_upsample)
-                    key = tile_key(name, mpp, size, x, y)
-                    meta = {
-                        "slide": name,
-                        "path": str(path),
-                        "x": x,
-                        "y": y,
-                        "mpp": mpp,
-                        "size": size,
-                        "size_l0": round(size_l0, 3),
-                        "level": level,
-                        "level_downsample": slide.level_downsamples[level],
-                        "tissue_fraction": round(float(frac), 4),
-                        "slide_mpp": slide.mpp,
-                        **_modality(result),
-                    }
-                    shard = writer.write(
-                        key, {"jpg": _jpeg(img, cfg.jpeg_quality), "json": json.dumps(meta).encode()}
-                    )
-                    rows.append(
-                        {
-                            "key": key,
-                            "shard": f"shards/{shard}",
-                            "slide": name,
-                            "path": str(path),
-                            "x": x,
-                            "y": y,
-                            "mpp": mpp,
-                            "tile_size": size,
-                            "size_l0": round(size_l0, 3),
-                            "level": level,
-                            "tissue_fraction": round(float(frac), 4),
-                            "modality": _modality_label(result),
-                        }
-                    )
-        finally:
-            writer.close()
-        summary = {
-            "slide": name,
-            "path": str(path),
+        if not result.matches_modality(cfg.modality):  # no done record: a rerun may ask for it
+            return {**job.record(), "status": "left_out", **_modality(result)}
+        sets, warnings = plan_tiles(slide, result, cfg, slide_id)
+        rows = _write_tiles(slide, path, slide_id, sets, cfg, partial, _modality(result))
+        counts = {f"{m:g}um_{s}px": len(c) for m, s, _, c in sets}
+        record = {
+            **job.record(),
             "status": "ok",
             "mpp": slide.mpp,
             "mpp_source": slide.mpp_source,
             "dimensions": list(slide.dimensions),
             "backend": slide.backend,
             "vendor": slide.vendor,
-            "levels": levels,
+            "levels": {f"{m:g}": lv for m, _, lv, _ in sets},
             "tiles": counts,
             "n_tiles": len(rows),
             "tissue_mm2": result.area_mm2(),
@@ -286,42 +256,33 @@ def tile_slide(
             qdir = out_p / "qc"
             drawn = {f"{m:g}um {s}px": (c, s * m / slide.mpp) for m, s, _, c in sets}
             qc.save_overlay(
-                qdir / f"{name}_overlay.png", result, drawn, title=f"{name}  ({slide.mpp:.4g} um/px)"
+                qdir / f"{slide_id}_overlay.png", result, drawn, title=f"{slide_id}  ({slide.mpp:.4g} um/px)"
             )
-            qc.save_mask(qdir / f"{name}_mask.png", result)
+            qc.save_mask(qdir / f"{slide_id}_mask.png", result)
             masks = {"tissue": result.tissue, **{k: v for k, v in result.artifacts.items() if v.any()}}
-            geojson.write_geojson(qdir / f"{name}.geojson", masks, result.downsample, name)
-    # Finalize: shards into place, then the manifest, then the done marker (last).
+            geojson.write_geojson(qdir / f"{slide_id}.geojson", masks, result.downsample, slide_id)
+    # Finalize: shards into place, then the manifest, then the done record (last).
     shards_dir.mkdir(parents=True, exist_ok=True)
     for p in sorted(partial.glob("*.tar")):
         os.replace(p, shards_dir / p.name)
     shutil.rmtree(partial, ignore_errors=True)
-    _write_csv(out_p / "manifests" / f"{name}.csv", rows, MANIFEST_COLUMNS)
-    summary["seconds"] = round(time.time() - t0, 3)
-    write_json_atomic(out_p / "done" / f"{name}.json", summary)
-    return summary
+    _write_csv(out_p / "manifests" / f"{slide_id}.csv", rows, MANIFEST_COLUMNS)
+    record["seconds"] = round(time.time() - t0, 3)
+    write_json_atomic(out_p / "done" / f"{slide_id}.json", record)
+    return record
 
 
-def _modality(result) -> dict:
-    """What a slide's outputs record about its modality (see ``openpluto.slide.tissue``)."""
-    return {"modality": result.modality, "stain": result.stain, "dab_fraction": result.dab_fraction}
-
-
-def _modality_label(result) -> str:
-    """One word for the manifest: ``he``, ``ihc`` or ``fluorescence``."""
-    return result.stain or result.modality
-
-
-def _forget_slide(out: Path, name: str) -> None:
-    """Remove every trace of an unfinished slide (partial folder, orphaned shards, manifest)."""
-    shutil.rmtree(out / "shards" / ".partial" / name, ignore_errors=True)
-    pat = _shard_re(name)
+def _forget_slide(out: Path, slide_id: str) -> None:
+    """Remove every trace of an unfinished slide (record, partial folder, orphaned shards, manifest)."""
+    (out / "done" / f"{slide_id}.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "shards" / ".partial" / slide_id, ignore_errors=True)
+    pat = _shard_re(slide_id)
     shards = out / "shards"
     if shards.is_dir():
         for p in shards.iterdir():
             if pat.match(p.name):
                 p.unlink(missing_ok=True)
-    (out / "manifests" / f"{name}.csv").unlink(missing_ok=True)
+    (out / "manifests" / f"{slide_id}.csv").unlink(missing_ok=True)
 
 
 def _write_csv(path: Path, rows: Iterable[dict], columns: Sequence[str]) -> None:
@@ -337,6 +298,18 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def read_tile_manifest(out: str | os.PathLike) -> list[dict]:
+    """Every tile of a tiles folder: the union of ``manifest.csv`` and its shard parts (each key once)."""
+    return read_csv_union(out, "manifest.csv", key="key")
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 # ----------------------------------------------------------------------------- the batch
 
 
@@ -347,98 +320,114 @@ def run_tiles(
     tissue_cfg: TissueConfig | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tile every slide of ``inputs`` into ``out`` (see the module docstring); return the summary."""
-    from tqdm import tqdm
+    """Tile every slide of ``inputs`` (this shard's share) into ``out``; return the summary.
 
-    from openpluto.slide.batch import run_isolated
+    Inputs, settings and earlier outputs are checked before anything is written: a bad start raises
+    a one-line error and leaves no ``out`` folder behind.
+    """
+    from openpluto.jobs.cohort import build_cohort, recorded_owner
+    from openpluto.jobs.runner import plan_todo, run_slides, stderr_writer
+    from openpluto.jobs.shard import Shard
+    from openpluto.jobs.slides import report_skipped
     from openpluto.slide.mpp import MppOverrides
 
     cfg = cfg or TilesConfig()
     tissue_cfg = tissue_cfg or TissueConfig()
+    cfg.validate()
+    tissue_cfg.validate()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    paths = expand_inputs(inputs)
-    names = slide_names(paths)
+    shard = Shard.parse(cfg.shard)
     overrides = MppOverrides.parse(cfg.mpp_override)
-    done_dir = out / "done"
-    jobs, skipped = [], []
-    for p, n in zip(paths, names):
-        if (done_dir / f"{n}.json").is_file():
-            skipped.append(n)
-            continue
-        jobs.append((n, (str(p), str(out), n, to_dict(cfg), to_dict(tissue_cfg), overrides.get(p))))
-    by_name = dict(zip(names, paths))
-    errors: list[dict] = []
-    left_out: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="slides", unit="slide", disable=not progress or not jobs)
-    for o in run_isolated(tile_slide, jobs, workers=cfg.workers, timeout=cfg.timeout):
-        if o.ok and o.value.get("status") == "left_out":
-            left_out.append({k: o.value[k] for k in ("slide", "path", "modality", "stain", "dab_fraction")})
-        elif o.ok:
-            bar.set_postfix(tiles=o.value.get("n_tiles", 0), refresh=False)
-        else:
-            errors.append({"slide": o.key, "path": str(by_name[o.key]), "kind": o.kind, "error": o.error})
-            _forget_slide(out, o.key)  # no partial shards left behind by a failed or killed worker
-            bar.write(
-                f"error: {o.error}"
-                if str(by_name[o.key]) in o.error
-                else f"error: {by_name[o.key]}: {o.error}"
-            )
-        bar.update(1)
-    bar.close()
+
+    def record_of(slide_id: str) -> tuple[Path, dict | None]:
+        where = out / "done" / f"{slide_id}.json"
+        return where, _read_record(where)
+
+    cohort = build_cohort(inputs, shard, lambda i: recorded_owner(record_of(i)[1]))
+    settings_of = lambda r: tiles_settings(cfg, tissue_cfg, overrides.get(r.path))  # noqa: E731
+    todo = plan_todo(cohort, record_of, settings_of, cfg.overwrite, "tiled")
+    out.mkdir(parents=True, exist_ok=True)
+    say = stderr_writer(progress)
+    report_skipped(cohort.skipped, say)
+    for n in todo.notes:
+        say(n)
+    jobs = [(j.slide_id, (j, str(out), to_dict(cfg), to_dict(tissue_cfg))) for j in todo.jobs()]
+    paths = {r.id: r.path for r in cohort.mine}
+    values, errors = run_slides(
+        "tiles", tile_slide, jobs, paths, cfg.workers, cfg.timeout, progress, say,
+        on_fail=lambda i: _forget_slide(out, i),  # no partial shards left by a failed or killed worker
+    )
+    left_out = [
+        {"slide": i, "path": str(paths[i]), "modality": v["modality"], "stain": v["stain"],
+         "dab_fraction": v["dab_fraction"]}
+        for i, v in values.items() if v.get("status") == "left_out"
+    ]
     if left_out:
         kinds = ", ".join(f"{r['slide']} ({r['stain'] or r['modality']})" for r in left_out)
-        print(f"tiles: left out {len(left_out)} slide(s) that are not {cfg.modality}: {kinds}; "
-              "--modality any tiles every slide", file=sys.stderr)
-    summary = finalize(out, names, errors, skipped, cfg, seconds=time.time() - t0, left_out=left_out)
-    return summary
+        say(f"tiles: left out {len(left_out)} slide(s) that are not {cfg.modality}: {kinds}; "
+            "--modality any tiles every slide")
+    return finalize(out, cohort, errors, todo.already, cfg, seconds=time.time() - t0, left_out=left_out)
 
 
 def finalize(
     out: Path,
-    names: Sequence[str],
+    cohort,
     errors: list[dict],
     skipped: Sequence[str],
     cfg: TilesConfig,
     seconds: float,
     left_out: Sequence[dict] = (),
 ) -> dict:
-    """Rebuild manifest.csv (all finished slides in ``out``), errors.csv, summary.json and mosaics."""
-    done = {}
-    for p in sorted((out / "done").glob("*.json")):
-        done[p.stem] = json.loads(p.read_text())
+    """Write this shard's manifest, errors and summary (``manifest.part-I-of-N.csv``, ... with --shard)."""
+    from openpluto.jobs.outputs import error_row, write_errors_csv
+
+    shard = cohort.shard
+    mine = [r.id for r in cohort.mine]
+    records = {}
+    listed = sorted(p.stem for p in (out / "done").glob("*.json")) if shard.count == 1 else mine
+    for i in listed:
+        rec = _read_record(out / "done" / f"{i}.json")
+        if rec is not None:
+            records[i] = rec
     rows: list[dict] = []
-    for n in done:
-        mp_ = out / "manifests" / f"{n}.csv"
+    for i in records:
+        mp_ = out / "manifests" / f"{i}.csv"
         if mp_.is_file():
             rows.extend(read_manifest(mp_))
-    _write_csv(out / "manifest.csv", rows, MANIFEST_COLUMNS)
+    _write_csv(out / part_name("manifest.csv", shard.index, shard.count), rows, MANIFEST_COLUMNS)
     warn_rows = [
-        {"slide": n, "path": done[n]["path"], "kind": "warning", "error": w}
-        for n in names
-        if n in done
-        for w in done[n].get("warnings", [])
+        error_row(i, records[i]["path"], "tiles", "warning", w)
+        for i in mine
+        if i in records
+        for w in records[i].get("warnings", [])
     ]
-    _write_csv(out / "errors.csv", errors + warn_rows, ERROR_COLUMNS)
+    write_errors_csv(
+        out / part_name("errors.csv", shard.index, shard.count),
+        errors + warn_rows + cohort.skipped_rows("tiles"),
+    )
     per_set: dict[str, int] = {}
     for r in rows:
         k = f"{float(r['mpp']):g}um_{r['tile_size']}px"
         per_set[k] = per_set.get(k, 0) + 1
     summary = {
-        "slides_total": len(names),
-        "slides_ok": sum(1 for n in names if n in done),
-        "slides_failed": len(errors),
+        "shard": shard.label,
+        "slides_total": len(mine) + cohort.skipped_failures,
+        "slides_ok": sum(1 for i in mine if i in records),
+        "slides_failed": len(errors) + cohort.skipped_failures,
         "slides_skipped_already_done": len(skipped),
         "slides_left_out_modality": list(left_out),
         "tiles_total": len(rows),
         "tiles_per_set": per_set,
         "seconds": round(seconds, 2),
-        "failed": [{"slide": e["slide"], "error": e["error"]} for e in errors],
+        "failed": [
+            {"slide": e["slide_id"] or e["path"], "error": e["error"]}
+            for e in errors + cohort.skipped_rows("tiles", failed_only=True)
+        ],
         "config": to_dict(cfg),
     }
-    write_json_atomic(out / "summary.json", summary)
-    if cfg.qc and rows:
+    write_json_atomic(out / part_name("summary.json", shard.index, shard.count), summary)
+    if cfg.qc and rows and shard.count == 1:
         write_mosaics(out, rows, seed=cfg.seed)
     return summary
 

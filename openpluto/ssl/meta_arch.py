@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openpluto.distributed import unwrap
 from openpluto.errors import ConfigError, OpenPlutoError
 from openpluto.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from openpluto.ssl.config import SSLConfig
@@ -45,17 +46,6 @@ from openpluto.ssl.masking import sample_masks
 
 # Wrapper segments added to parameter names by DDP, torch.compile, activation checkpointing, FSDP1.
 _WRAPPER_SEGMENT = re.compile(r"(^|\.)(module|_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module inside DDP / torch.compile wrappers (fully_shard-ed modules are returned as they are)."""
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def _reshard(module: nn.Module) -> None:

@@ -10,19 +10,18 @@ change what is trained on. The checkpoint stores ``m`` (``data_position``); ``--
 Changing the world size or batch size on resume keeps the order of samples and re-cuts it into batches
 from the number of samples seen (``samples_seen // (W*B)``; at most one partial batch is skipped).
 
-Shards. ``*.tar`` files found recursively under the data folder are indexed once at start (tar
-headers only: member offsets and sizes); a sample (``__key__`` + ``jpg``/``png``/... member, as written
-by ``openpluto tiles``) is then read by seeking into its shard, so each rank and worker reads only its
-own samples. Otherwise every image file under the folder (recursively) is a sample.
+Shards. A tiles folder (``openpluto tiles``) lists its shards and their sample counts in the union of
+``manifest.csv`` and its ``--shard`` parts, so the shards of N tile jobs read as one; any other folder
+counts the samples of the ``*.tar`` files below it. Samples are read in place with ``wids``
+(webdataset's indexed reader: a tar's member index, then a seek per sample), so each rank and worker
+reads only its own samples. Otherwise every image file under the folder (recursively) is a sample.
 A sample that fails to decode is reported once and replaced by the next position's sample.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import random
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -50,107 +49,135 @@ def _mix(*ints: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def index_shard(path: Path, image_keys: Sequence[str]) -> list[tuple[int, int]]:
-    """(offset, size) of the image member of each sample in one tar shard, in file order."""
-    found: dict[str, dict[str, tuple[int, int]]] = {}
-    order: list[str] = []
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            if "." not in base:
-                continue
-            stem, ext = base.split(".", 1)
-            key = os.path.join(os.path.dirname(m.name), stem)
-            if key not in found:
-                found[key] = {}
-                order.append(key)
-            found[key][ext.lower()] = (m.offset_data, m.size)
-    out = []
-    for key in order:
-        for k in image_keys:
-            if k in found[key]:
-                out.append(found[key][k])
-                break
-    return out
-
-
 class TileSamples(Dataset):
-    """Random access to images in WebDataset shards or image files: index -> PIL RGB image."""
+    """Random access to image files: index -> PIL RGB image (``find_samples`` without shards)."""
 
-    def __init__(
-        self,
-        shards: list[Path] | None = None,
-        files: list[Path] | None = None,
-        image_keys: Sequence[str] = ("jpg", "png"),
-    ) -> None:
-        self.items: list[tuple[int, int, int]] = []  # (source index, offset, size); files: offset -1
-        self.sources: list[Path] = []
-        self._handles: dict[int, object] = {}
-        self._pid = -1
-        if shards:
-            self.sources = list(shards)
-            for i, s in enumerate(self.sources):
-                try:
-                    self.items += [(i, off, size) for off, size in index_shard(s, image_keys)]
-                except (tarfile.TarError, OSError) as e:
-                    warnings.warn(f"skipping unreadable shard {s} ({e})", stacklevel=2)
-        elif files:
-            self.sources = list(files)
-            self.items = [(i, -1, 0) for i in range(len(self.sources))]
+    def __init__(self, files: list[Path]) -> None:
+        self.sources = list(files)
 
     def __len__(self) -> int:
-        return len(self.items)
-
-    def _read(self, src: int, offset: int, size: int) -> bytes:
-        if self._pid != os.getpid():  # fresh handles in each worker process
-            self._handles, self._pid = {}, os.getpid()
-        f = self._handles.get(src)
-        if f is None:
-            f = self._handles[src] = open(self.sources[src], "rb")  # noqa: SIM115 - kept open for reuse
-        f.seek(offset)
-        return f.read(size)
+        return len(self.sources)
 
     def __getitem__(self, index: int) -> Image.Image:
-        src, offset, size = self.items[index]
-        if offset < 0:
-            with Image.open(self.sources[src]) as im:
-                return im.convert("RGB")
-        with Image.open(io.BytesIO(self._read(src, offset, size))) as im:
+        with Image.open(self.sources[index]) as im:
             return im.convert("RGB")
 
     def describe(self, index: int) -> str:
-        src, offset, _ = self.items[index]
-        return f"{self.sources[src]}" + (f" @ byte {offset}" if offset >= 0 else "")
+        return str(self.sources[index])
 
 
-def find_samples(root: str | Path, image_keys: Sequence[str] = ("jpg", "jpeg", "png")) -> TileSamples:
-    """Shards (``*.tar`` anywhere under ``root``) if any, else image files under ``root``."""
+class ShardSamples(Dataset):
+    """Random access to the samples of WebDataset tar shards through ``wids`` (webdataset's indexed reader).
+
+    ``shards`` is [(tar path, number of samples)] in a fixed order; index ``i`` is sample ``i`` of their
+    concatenation (samples in tar order). Shards are opened lazily, a few at a time (LRU), separately
+    in each DataLoader worker process, and read in place (nothing is copied or written beside them).
+    """
+
+    def __init__(self, shards: list[tuple[Path, int]], image_keys: Sequence[str] = ("jpg", "png"),
+                 open_shards: int = 8) -> None:
+        self.sources = [Path(p) for p, _ in shards]
+        self.cum = np.cumsum([int(n) for _, n in shards]) if shards else np.zeros(0, np.int64)
+        self.image_keys = tuple(image_keys)
+        self.open_shards = open_shards
+        self._lru, self._pid = None, -1
+
+    def __len__(self) -> int:
+        return int(self.cum[-1]) if len(self.cum) else 0
+
+    def _shard(self, k: int):
+        from wids.wids import IndexedTarSamples
+        from wids.wids_lru import LRUCache
+
+        if self._pid != os.getpid():  # fresh handles in each worker process
+            self._lru = LRUCache(self.open_shards, release_handler=lambda _k, v: v.close())
+            self._pid = os.getpid()
+        tar = self._lru[k]
+        if tar is None:
+            tar = self._lru[k] = IndexedTarSamples(path=str(self.sources[k]))
+        return tar
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, sample number inside it) of a global index."""
+        k = int(np.searchsorted(self.cum, index, side="right"))
+        return k, index - (int(self.cum[k - 1]) if k else 0)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        k, inner = self.locate(index)
+        sample = self._shard(k)[inner]
+        for key in self.image_keys:
+            if f".{key}" in sample:
+                with Image.open(sample[f".{key}"]) as im:
+                    return im.convert("RGB")
+        raise DataError(f"{self.describe(index)}: no {'/'.join(self.image_keys)} member")
+
+    def describe(self, index: int) -> str:
+        k, inner = self.locate(index)
+        return f"{self.sources[k]} sample {inner}"
+
+
+def count_samples(tar: Path) -> int:
+    """Number of samples in one tar shard (its index built by wids)."""
+    from wids.wids import IndexedTarSamples
+
+    t = IndexedTarSamples(path=str(tar))
+    try:
+        return len(t)
+    finally:
+        t.close()
+
+
+def tiles_folder_shards(root: Path) -> list[tuple[Path, int]] | None:
+    """[(shard, samples)] of an ``openpluto tiles`` folder from the union of its manifest (and manifest
+    part) files, so only finished slides count and no shard is opened at start; None elsewhere."""
+    from openpluto.jobs.outputs import read_csv_union
+
+    rows = read_csv_union(root, "manifest.csv", key="key")
+    if not rows:
+        return None
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+    return [(root / s, counts[s]) for s in sorted(counts)]
+
+
+def find_samples(root: str | Path, image_keys: Sequence[str] = ("jpg", "jpeg", "png")) -> Dataset:
+    """Samples under ``root``: a tiles folder (its manifests), else ``*.tar`` shards anywhere below
+    (hidden folders such as ``shards/.partial`` skipped), else image files."""
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; pass --data DIR with shards or images")
+    listed = tiles_folder_shards(root) if root.is_dir() else None
+    if listed is not None:
+        return ShardSamples(listed, image_keys)
     if root.is_file() and root.suffix == ".tar":
-        shards = [root]
+        tars = [root]
     else:
-        shards = sorted(root.rglob("*.tar"))
-    if shards:
-        ds = TileSamples(shards=shards, image_keys=image_keys)
+        tars = sorted(
+            p for p in root.rglob("*.tar") if not any(x.startswith(".") for x in p.relative_to(root).parts)
+        )
+    if tars:
+        shards = []
+        for t in tars:
+            try:
+                shards.append((t, count_samples(t)))
+            except Exception as e:  # noqa: BLE001 - one bad shard must not stop a long run
+                warnings.warn(f"skipping unreadable shard {t} ({e})", stacklevel=2)
+        ds = ShardSamples([s for s in shards if s[1] > 0], image_keys)
         if len(ds) == 0:
-            raise DataError(
-                f"no image samples ({'/'.join(image_keys)}) in the {len(shards)} shards under {root}"
-            )
+            keys = "/".join(image_keys)
+            raise DataError(f"no image samples ({keys}) in the {len(tars)} shards under {root}")
         return ds
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise DataError(f"no *.tar shards or image files under {root}; run `openpluto tiles` first")
-    return TileSamples(files=files)
+    return TileSamples(files)
 
 
 class PositionViews(Dataset):
     """Stream position -> multi-crop views of its sample (see module docstring for the order)."""
 
-    def __init__(self, samples: TileSamples, transform: Callable, seed: int = 0) -> None:
+    def __init__(self, samples: Dataset, transform: Callable, seed: int = 0) -> None:
         self.samples, self.transform, self.seed = samples, transform, seed
         self._perm_epoch, self._perm = -1, None
         self._warned: set[int] = set()
@@ -205,7 +232,7 @@ class StreamSampler(Sampler[int]):
 
 
 def build_loader(
-    samples: TileSamples,
+    samples: Dataset,
     transform: Callable,
     collate: Callable,
     batch_size: int,

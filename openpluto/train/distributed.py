@@ -1,4 +1,4 @@
-"""Process group from the plain ``torchrun`` environment, DDP / FSDP2 wrapping, small collectives.
+"""DDP / FSDP2 wrapping and small collectives for pretraining; the process group is in openpluto.distributed.
 
 ``torchrun --nproc-per-node G [--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT] -m openpluto.cli.main
 pretrain ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``; without them
@@ -7,57 +7,22 @@ the run is a single process and nothing is wrapped. Rank 0 alone writes files.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from openpluto.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 
-@dataclass
-class DistInfo:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str | None = None) -> DistInfo:
-    """Join the process group described by the torchrun environment (``WORLD_SIZE`` > 1), else single process.
-
-    Picks ``nccl`` with one GPU per ``LOCAL_RANK`` when CUDA is available, ``gloo`` on CPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world <= 1:
-        return DistInfo(0, 1, 0, device, False)
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend or ("nccl" if cuda else "gloo"), device_id=device if cuda else None
-        )
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
-
-
-def cleanup_distributed(info: DistInfo) -> None:
-    if info.initialized and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(info: DistInfo) -> None:
-    if info.initialized:
-        dist.barrier()
+__all__ = [
+    "DistInfo",
+    "any_across_ranks",
+    "barrier",
+    "broadcast_module",
+    "cleanup_distributed",
+    "init_distributed",
+    "shard_fsdp2",
+    "wrap_ddp",
+]
 
 
 def any_across_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:

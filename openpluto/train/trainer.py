@@ -67,13 +67,6 @@ class NonFiniteLossError(OpenPlutoError):
     """Too many non-finite steps in a row."""
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP / torch.compile wrappers."""
-    while hasattr(module, "module") and isinstance(module.module, nn.Module):
-        module = module.module
-    return getattr(module, "_orig_mod", module)
-
-
 def build_meta(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(SSL meta-architecture on ``device``, its student backbone) for ``cfg``; seeded by ``cfg.seed``."""
     from openpluto.model import build_model

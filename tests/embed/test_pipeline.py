@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from _embed_utils import MPP, TILE, embed_config
 
 from openpluto.embed import is_complete, read_slide_h5, run_embed
 from openpluto.embed.pipeline import TileEmbedder, load_model
+from openpluto.errors import OpenPlutoError
 
 
 def _reference(path, coords, encoder, patch_size=None, pooling="cls"):
@@ -78,7 +80,10 @@ def test_cohort_files_coords_on_tissue_and_features_equal_model(embedded, cohort
         assert (out / "pictures" / f"{path.stem}_pc1.png").stat().st_size > 1000
     with open(out / "errors.csv") as f:
         rows = list(csv.reader(f))
-    assert rows == [["slide", "error"]]
+    assert rows == [["slide_id", "path", "stage", "kind", "error"]]
+    a = read_slide_h5(out / f"{cohort[0].stem}.h5")["attrs"]
+    assert a["slide_id"] == cohort[0].stem and len(a["settings_fingerprint"]) == 16
+    assert json.loads(a["slide_identity"])["resolved"] == str(cohort[0].resolve())
 
 
 def test_rerun_skips_finished_and_reports_bad_slides(embedded, cohort, tmp_path):
@@ -95,15 +100,14 @@ def test_rerun_skips_finished_and_reports_bad_slides(embedded, cohort, tmp_path)
     assert {p.stem: (out / f"{p.stem}.h5").stat().st_mtime_ns for p in cohort} == mtimes
     with open(out / "errors.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["slide"] for r in rows) == sorted([str(bad), str(empty)])
-    for r in rows:
-        assert "\n" not in r["error"] and (r["slide"] in r["error"] or "tissue" in r["error"])
+    assert sorted(r["path"] for r in rows) == sorted([str(bad), str(empty)])
+    for r in rows:  # one line naming the file once
+        assert "\n" not in r["error"] and r["error"].count(Path(r["path"]).name) == 1, r["error"]
+        assert r["stage"] == "embed" and r["kind"] == "error"
     assert not (out / "broken.h5").exists() and not (out / "blank.h5").exists()
-    # A finished file made with other settings is neither skipped silently nor overwritten.
-    summary = run_embed(cfg.replace(inputs=[str(cohort[0])], tile_size=32), progress=False, log=None)
-    assert (summary.skipped, summary.failed) == (0, 1)
-    with open(out / "errors.csv") as f:
-        assert "other settings (tile_size 64 != 32)" in f.read()
+    # A finished file made with other settings is neither skipped silently nor overwritten: refused.
+    with pytest.raises(OpenPlutoError, match=r"other settings \(tile_size 64 != 32\).*--overwrite"):
+        run_embed(cfg.replace(inputs=[str(cohort[0])], tile_size=32), progress=False, log=None)
     assert (out / f"{cohort[0].stem}.h5").stat().st_mtime_ns == mtimes[cohort[0].stem]
 
 
@@ -131,15 +135,17 @@ def test_cls_mean_patch_tokens_and_flexi_patch_sizes(cohort, tmp_path):
             assert np.isfinite(f["features"][()]).all()
 
 
-def test_config_errors_are_one_line(cohort, tmp_path):
-    from openpluto.errors import OpenPlutoError
-
+def test_config_errors_are_one_line_and_leave_no_out_folder(cohort, tmp_path):
+    out = tmp_path / "never"
     with pytest.raises(OpenPlutoError, match="divisible"):
-        run_embed(embed_config(cohort[:1], tmp_path, patch_size=24), progress=False, log=None)
-    with pytest.raises(OpenPlutoError, match="does not exist"):
-        run_embed(embed_config([tmp_path / "nope"], tmp_path), progress=False, log=None)
+        run_embed(embed_config(cohort[:1], out, patch_size=24), progress=False, log=None)
+    with pytest.raises(OpenPlutoError, match="no such slide file or folder"):
+        run_embed(embed_config([tmp_path / "nope"], out), progress=False, log=None)
     with pytest.raises(OpenPlutoError, match="patch sizes"):
-        run_embed(embed_config(cohort[:1], tmp_path, tile_size=56, patch_size=14), progress=False, log=None)
+        run_embed(embed_config(cohort[:1], out, tile_size=56, patch_size=14), progress=False, log=None)
+    with pytest.raises(OpenPlutoError, match="nope-model"):
+        run_embed(embed_config(cohort[:1], out, model="nope-model"), progress=False, log=None)
+    assert not out.exists()
 
 
 def test_embedder_bf16_autocast_close_to_fp32(cohort):
@@ -182,7 +188,11 @@ def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
             if k != "attrs":
                 np.testing.assert_array_equal(a[k], b[k], err_msg=k)
         assert a["attrs"] == b["attrs"]
-    assert (out / "errors.csv").read_text().strip() == "slide,error"
+    # each rank writes its own part; together they are the run's errors.csv / summary.json
+    for rank in (0, 1):
+        assert (out / f"errors.part-{rank}-of-2.csv").read_text().strip() == "slide_id,path,stage,kind,error"
+    parts = [json.loads((out / f"summary.part-{rank}-of-2.json").read_text()) for rank in (0, 1)]
+    assert sum(p["embedded"] for p in parts) == 3
     assert "embedded 3 slide(s)" in r.stdout
 
 

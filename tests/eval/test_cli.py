@@ -3,6 +3,7 @@
 import csv
 import json
 import shlex
+import shutil
 
 import h5py
 import numpy as np
@@ -92,6 +93,24 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     (tmp_path / "x.json").write_text("{}")
     assert main(["eval", "table", str(tmp_path / "x.json")]) == 2
     assert "missing key" in capsys.readouterr().err
+
+
+def test_one_class_is_refused_by_every_classifier(tmp_path, capsys):
+
+    data = write_colour_dataset(tmp_path / "d", 6, splits=None)
+    for extra in ("green", "blue"):
+        shutil.rmtree(data / extra)
+    for protocol in ("linear", "knn"):
+        rc = main(["eval", protocol, "--model", "vit_micro_flexi", "--data", str(data),
+                   "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / f"{protocol}.json")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and "only class 'red'" in err and str(data) in err, err
+        assert not (tmp_path / f"{protocol}.json").exists()
+    labels = tmp_path / "slides.csv"
+    labels.write_text("slide,label\na,tumour\nb,tumour\nc,tumour\n")
+    rc = main(["eval", "abmil", "--features", str(tmp_path), "--labels", str(labels), "--out",
+               str(tmp_path / "abmil.json")])
+    assert rc == 2 and "only class 'tumour'" in capsys.readouterr().err
 
 
 def test_abmil_cli(tmp_path):
