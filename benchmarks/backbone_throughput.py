@@ -11,7 +11,9 @@ each number is the best of ``--iters`` timed iterations.
 
 The timm model is ``VisionTransformer`` (as ``vit_small_patch16_224``) with openpluto's width, depth,
 heads, FFN ratio and patch size, and the same number of register tokens, so both see the same
-token count. CPU runs use fp32; ``--device cuda`` uses bf16 autocast.
+token count. CPU runs use fp32; ``--device cuda`` uses bf16 autocast. The forward rows run openpluto
+as a frozen encoder does (PI-resized patch kernel cached, ``--no-kernel-cache`` turns that off);
+``--compile`` compiles openpluto's blocks (``maybe_compile``; the warm-up iterations absorb it).
 """
 
 from __future__ import annotations
@@ -24,17 +26,8 @@ import time
 import timm
 import torch
 
-from openpluto.model import build_model
-
-
-def flops_per_image(dim: int, depth: int, hidden: int, swiglu: bool, tokens: int, patch: int) -> float:
-    """Forward FLOPs of one image (multiply-add = 2 FLOPs)."""
-    n = tokens
-    per_block = (2 * n * dim * 3 * dim  # qkv
-                 + 2 * 2 * n * n * dim  # q k^T and attn @ v
-                 + 2 * n * dim * dim  # proj
-                 + 2 * n * dim * hidden * (3 if swiglu else 2))  # FFN
-    return depth * per_block + 2 * (tokens) * dim * 3 * patch * patch
+from openpluto.model import build_model, maybe_compile
+from openpluto.model.flops import model_forward_flops
 
 
 def matmul_gflops(device: str, dtype: torch.dtype, size: int = 2048, iters: int = 5) -> float:
@@ -82,6 +75,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
+    ap.add_argument("--no-kernel-cache", action="store_true", help="resize the patch kernel in every forward")
+    ap.add_argument("--compile", action="store_true", help="compile openpluto's blocks (maybe_compile)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     if args.threads:
@@ -99,6 +94,8 @@ def main() -> None:
         torch.manual_seed(0)
         ours = build_model(args.model, patch_sizes=sorted({p, *build_model_cfg(args.model).patch_sizes}),
                            img_size=args.img_size).to(device)
+        ours.set_kernel_cache(not args.no_kernel_cache)
+        maybe_compile(ours, args.compile)
         cfg = ours.cfg
         hidden = int(cfg.embed_dim * cfg.mlp_ratio)
         kw = {}
@@ -113,7 +110,7 @@ def main() -> None:
                                 num_classes=0, **kw).to(device)
         x = torch.randn(bs, 3, args.img_size, args.img_size, device=device)
         tokens = (args.img_size // p) ** 2 + 1 + cfg.num_registers
-        fl = flops_per_image(cfg.embed_dim, cfg.depth, hidden, cfg.ffn == "swiglu", tokens, p)
+        fl = model_forward_flops(cfg, args.img_size, p)
         row = {"patch": p, "batch": bs, "tokens": tokens, "gflop_per_image": fl / 1e9}
         for mode in (["fwd"] if args.no_backward else ["fwd", "fwd+bwd"]):
             backward = mode == "fwd+bwd"

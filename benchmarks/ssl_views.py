@@ -1,10 +1,11 @@
-"""Throughput of the SSL data side on CPU: multi-crop views per second (one worker) and iBOT mask sampling.
+"""Throughput of the SSL data side on CPU: the loader-worker half of the views (uint8 crops + drawn
+augmentation parameters, one worker), the batched augmentation on the CPU, and iBOT mask sampling.
 
     python benchmarks/ssl_views.py [--tiles DIR] [--n 40] [--threads 1]
 
 Tiles: PNG/JPEG/TIFF files under DIR (default: the real H&E patches in ../shared/data/patches) or
-random 224 px images. Prints a markdown table; compare the images/s with the images/s a training step
-consumes to choose ``data.num_workers``.
+random 224 px images. Prints a markdown table; compare the worker images/s with the images/s a training
+step consumes to choose ``data.num_workers`` (``benchmarks/pretrain_step.py`` measures both).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from openpluto.ssl import (
+    BatchAugment,
     CropConfig,
     MaskConfig,
     MultiCropTransform,
@@ -40,15 +42,19 @@ def load_tiles(folder: Path | None, n: int) -> list[Image.Image]:
 
 
 def bench_views(name: str, crops: CropConfig, tiles: list[Image.Image]) -> dict:
-    tr = MultiCropTransform(crops, MEAN, STD)
+    tr = MultiCropTransform(crops)
     tr(tiles[0])
     t0 = time.perf_counter()
-    samples = [tr(t) for t in tiles]
-    collate_multicrop(samples)
+    batch = collate_multicrop([tr(t) for t in tiles])
     dt = time.perf_counter() - t0
+    augment = BatchAugment(crops.augment, MEAN, STD)
+    augment(batch, "cpu")
+    t1 = time.perf_counter()
+    augment(batch, "cpu")
+    da = time.perf_counter() - t1
     views = f"{crops.n_global}x{crops.global_size} + {crops.n_local}x{crops.local_size}"
-    return {"setting": name, "views": views,
-            "images/s": len(tiles) / dt, "ms/image": 1000 * dt / len(tiles)}
+    return {"setting": name, "views": views, "images/s": len(tiles) / dt, "ms/image": 1000 * dt / len(tiles),
+            "augment ms/image": 1000 * da / len(tiles)}
 
 
 def bench_masks(n_images: int, grid: tuple[int, int], reps: int = 5) -> float:
@@ -70,10 +76,12 @@ def main() -> None:
     tiles = load_tiles(args.tiles, args.n)
     rows = [bench_views("cpu-tiny (default SSLConfig)", SSLConfig().crops, tiles),
             bench_views("DINOv2 / pluto4s", SSLConfig.dinov2_like(16).crops, tiles)]
-    print(f"| setting | views | images/s (1 worker, {args.threads} thread) | ms/image |")
-    print("|---|---|---|---|")
+    print(f"| setting | views | worker images/s (1 worker, {args.threads} thread) | worker ms/image | "
+          "batched augmentation on CPU, ms/image |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['views']} | {r['images/s']:.1f} | {r['ms/image']:.1f} |")
+        print(f"| {r['setting']} | {r['views']} | {r['images/s']:.1f} | {r['ms/image']:.1f} | "
+              f"{r['augment ms/image']:.2f} |")
     print()
     print("| iBOT masks | ms per step |")
     print("|---|---|")

@@ -7,6 +7,7 @@ DDP/FSDP2; embedding only to gather per-rank summaries. ``unwrap`` strips DDP / 
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,9 +73,18 @@ def init_distributed(backend: str | None = None, use_cuda: bool | None = None) -
     )
 
 
-def cleanup_distributed(info: DistInfo) -> None:
-    """Leave the process group if :func:`init_distributed` joined it."""
+def cleanup_distributed(info: DistInfo, graceful: bool = True) -> None:
+    """Leave the process group if :func:`init_distributed` joined it.
+
+    ``graceful`` (a run that ended normally on every rank): first a barrier, so no rank tears
+    gloo's connections down while a peer still uses them, and a collection, so async work holding
+    tensors is freed now rather than during interpreter exit (a SIGABRT there). After an error the
+    peers may be stuck elsewhere, so the group is left at once.
+    """
     if info.initialized and _group_ready():
+        if graceful:
+            dist.barrier()
+            gc.collect()
         dist.destroy_process_group()
 
 

@@ -76,3 +76,15 @@ def huge_header_tiff(tmp_path: Path) -> Path:
 def pytest_configure(config) -> None:
     """Keep torch (when a test imports it) to the 2 cores of CI without importing it here."""
     os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch._dynamo with no compiled code and zeroed counters (``counters["stats"]["unique_graphs"]``)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()

@@ -14,7 +14,7 @@ def _run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     records = ImageRecords.from_source(args.source)
-    encoder = load_encoder_seeded(args.model, args.device)
+    encoder = load_encoder_seeded(args.model, args.device, compile=args.compile)
     enc = encoder_info(encoder, args.model)
     errors: list[tuple[str, str]] = []
     feats, labels, paths, splits = embed_images(
@@ -86,4 +86,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder's blocks (GPU speed-up)")
     p.set_defaults(func=_run)

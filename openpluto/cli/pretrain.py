@@ -8,10 +8,13 @@ from pathlib import Path
 PRETRAIN_EPILOG = """examples:
   openpluto pretrain --config cpu-tiny --data tiles/ --out runs/tiny --max-steps 300
   openpluto pretrain --out runs/tiny --resume                      # continue after a kill / SIGTERM
+  openpluto pretrain --config cpu-tiny --data tiles/ --out runs/t --max-minutes 10   # a time cap
   torchrun --nproc-per-node 8 -m openpluto.cli.main pretrain --config pluto4s --data tiles/ --out runs/4s
   openpluto pretrain --config pluto4g --data tiles/ --out runs/4g dist.strategy=fsdp optim.base_lr=2e-4
 presets: cpu-tiny, pluto4s, pluto4g (openpluto/train/presets/*.yaml) or your own YAML file;
-key=value overrides address any config field (e.g. data.batch_size=64 ssl.crops.n_local=8)."""
+key=value overrides address any config field (e.g. data.batch_size=64 ssl.crops.n_local=8).
+exit status: 0 done (max_steps or --max-minutes reached), 2 bad input, 143/130 stopped by SIGTERM/SIGINT
+(a checkpoint is written first; --resume continues)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--max-steps", type=int, help="length of the run in optimizer steps (sets max_steps)")
     p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="stop cleanly (with a checkpoint) at the first step after this many minutes; the schedules "
+        "still follow max_steps, so --resume continues the same run (sets max_minutes)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue from RUN/checkpoint.pt (fresh start if none)"
     )
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone blocks (sets compile=true; a few minutes of warm-up)")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.base_lr=1e-3"
     )
@@ -68,6 +79,10 @@ def run_pretrain(args: argparse.Namespace) -> int:
         extra = merge_dicts(extra, {"data": {"path": args.data}})
     if args.max_steps is not None:
         extra["max_steps"] = args.max_steps
+    if args.max_minutes is not None:
+        extra["max_minutes"] = args.max_minutes
+    if args.compile:
+        extra["compile"] = True
     if args.config:
         cfg = load_train_config(args.config, extra)
     elif args.resume and (out / "config.yaml").is_file():
@@ -78,7 +93,15 @@ def run_pretrain(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("pass --config NAME|FILE.yaml (presets: cpu-tiny, pluto4s, pluto4g)")
     summary = pretrain(cfg, out, resume=args.resume)
-    return 0 if summary["steps"] >= cfg.max_steps or summary["stopped_by_signal"] else 1
+    return pretrain_exit_code(summary)
+
+
+def pretrain_exit_code(summary: dict) -> int:
+    """0 when the run reached max_steps or its time limit; 128 + the signal number (143 for SIGTERM,
+    130 for SIGINT) when a signal stopped it, so ``pretrain && export`` never exports a cut-short run."""
+    if summary["stopped_by"] == "signal":
+        return 128 + int(summary["signal"] or 15)
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

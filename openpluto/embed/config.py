@@ -52,6 +52,8 @@ class EmbedConfig:
     shard: str | None = field(default=None, metadata={
         "help": "I/N: embed only shard I of N of the slides (default: from SLURM_ARRAY_TASK_ID/"
                 "SLURM_ARRAY_TASK_COUNT; torchrun ranks split each shard further)"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the encoder's blocks (faster on GPU after a warm-up of a minute or two)"})
 
     def validate(self) -> None:
         if self.mpp <= 0:

@@ -301,12 +301,12 @@ class _Planner:
 
 
 def load_model(cfg: EmbedConfig, device: torch.device) -> Any:
-    from openpluto.model import load_encoder
+    from openpluto.model import load_encoder, maybe_compile
 
     if not cfg.model:
         raise ConfigError("no model given: --model MODEL_DIR, timm:NAME:WEIGHTS or a preset name")
     torch.manual_seed(cfg.seed)  # random-init presets get the same weights in every run and rank
-    return load_encoder(cfg.model, device=str(device))
+    return maybe_compile(load_encoder(cfg.model, device=str(device)), cfg.compile)
 
 
 def run_embed(cfg: EmbedConfig, progress: bool = True, log=print) -> EmbedSummary:

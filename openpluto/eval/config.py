@@ -43,6 +43,7 @@ class EmbedSettings:
     batch_size_embed: int = _f(64, "images per encoder forward pass")
     workers: int = _f(0, "DataLoader worker processes for image decoding")
     device: str = _f("cpu", "torch device for the encoder and heads (cpu, cuda, cuda:1)")
+    compile: bool = _f(False, "torch.compile the encoder's blocks (GPU speed-up after a warm-up)")
     cache_dir: str | None = _f(None, "feature cache folder (default: ~/.cache/openpluto/features)")
     val_fraction: float = _f(0.15, "validation share when the data has no split (seeded, stratified)")
     test_fraction: float = _f(0.15, "test share when the data has no split (seeded, stratified)")
@@ -157,6 +158,7 @@ class SegmentationConfig:
     )
     batch_size_embed: int = _f(16, "images per encoder forward pass")
     device: str = _f("cpu", "torch device")
+    compile: bool = _f(False, "torch.compile the encoder's blocks (GPU speed-up after a warm-up)")
     out: str = _f("results/segmentation.json", "results JSON")
     task: str | None = _f(None, "task name for the table (default: data folder name)")
 

@@ -109,17 +109,17 @@ def split_counts(splits: list[str]) -> dict[str, int]:
     return {s: int(sum(x == s for x in splits)) for s in ("train", "val", "test") if s in splits}
 
 
-def load_encoder_seeded(spec: str, device: str = "cpu", seed: int = 0):
+def load_encoder_seeded(spec: str, device: str = "cpu", seed: int = 0, compile: bool = False):
     """``openpluto.model.load_encoder`` with torch seeded first, so preset (random-init) encoders are
-    the same on every run."""
+    the same on every run; ``compile``: its blocks compiled (``openpluto.model.maybe_compile``)."""
     import torch
 
     try:
-        from openpluto.model import load_encoder
+        from openpluto.model import load_encoder, maybe_compile
     except ImportError as e:  # pragma: no cover - only while the model package is missing
         raise OpenPlutoError(f"openpluto.model.load_encoder is not available ({e})") from None
     torch.manual_seed(seed)
-    return load_encoder(spec, device=device)
+    return maybe_compile(load_encoder(spec, device=device), compile)
 
 
 def encoder_info(encoder, spec: str) -> dict:
@@ -197,7 +197,7 @@ def image_features(cfg, encoder=None) -> FeatureSet:
     files_fingerprint = records.fingerprint()  # before any made split: the cache is split-independent
     records, split_info = ensure_split(records, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     if encoder is None:
-        encoder = load_encoder_seeded(cfg.model, cfg.device)
+        encoder = load_encoder_seeded(cfg.model, cfg.device, compile=cfg.compile)
     enc = encoder_info(encoder, cfg.model)
     fingerprint = records.fingerprint()
     key = feature_cache_key(enc, files_fingerprint, cfg.patch_size, cfg.pooling, cfg.resize)

@@ -201,7 +201,7 @@ def run_segmentation(cfg: SegmentationConfig, encoder=None) -> dict:
     if parts["train"] is None or parts["val"] is None:
         raise OpenPlutoError(f"{root}: needs train/ and val/ (each with images/ and masks/)")
     if encoder is None:
-        encoder = load_encoder_seeded(cfg.model, cfg.device)
+        encoder = load_encoder_seeded(cfg.model, cfg.device, compile=cfg.compile)
     enc = encoder_info(encoder, cfg.model)
     patch = cfg.patch_size or getattr(encoder, "default_patch_size", None)
     h, w = parts["train"].images.shape[1:3]

@@ -5,8 +5,10 @@
     out = model.forward_features(x, patch_size=8)         # dict cls [B,D], registers, patch [B,N,D], grid
     save_pretrained(model, "my_model")                    # config.json + model.safetensors
     enc = load_encoder("my_model")                        # frozen; or a preset, or "timm:NAME:PATH"
+    maybe_compile(enc, True)                              # compiled blocks (the --compile switch)
 """
 
+from openpluto.model.compile import maybe_compile
 from openpluto.model.config import ModelConfig, list_model_presets, load_model_config
 from openpluto.model.encoder import Encoder, load_encoder, parse_timm_spec
 from openpluto.model.factory import build_model, list_models
@@ -26,6 +28,7 @@ __all__ = [
     "load_encoder",
     "load_model_config",
     "load_pretrained",
+    "maybe_compile",
     "parse_timm_spec",
     "pluto_from_timm",
     "read_config",

@@ -50,6 +50,9 @@ class ModelConfig:
         default=None, metadata={"help": "train-time RoPE coordinate rescale R (DINOv3: 2); none = off"})
     layerscale_init: float | None = field(default=1e-5, metadata={"help": "LayerScale init; none = off"})
     drop_path_rate: float = 0.0
+    attn_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = field(
+        default="auto", metadata={"help": "SDPA backend tried first (auto: PyTorch's choice); "
+                                  "same maths, only speed differs"})
     norm_eps: float | None = field(
         default=None, metadata={"help": "LayerNorm eps; none: 1e-5 rope (DINOv3), 1e-6 learned"})
     mean: tuple[float, ...] = IMAGENET_MEAN

@@ -14,7 +14,10 @@
 Every Encoder is an ``nn.Module`` in eval mode with ``embed``, ``forward_features`` (same dict keys as
 PlutoViT; ``registers`` may be empty), ``embed_dim_for``, ``mean``/``std`` (for 0..1 RGB input),
 ``name``, ``weights_hash`` (sha256 of the weights file or ``"random-init"``), ``patch_sizes`` and
-``default_patch_size``. Its methods run without autograd.
+``default_patch_size``. Its methods run without autograd; an openpluto backbone caches its PI-resized
+patch kernel per patch size. After ``maybe_compile`` (``pad_batches``), a batch smaller than the
+largest one seen at that image size is zero-padded up to it and the padding rows dropped from the
+outputs, so the compiled blocks see one batch shape (images never interact in a ViT).
 """
 
 from __future__ import annotations
@@ -61,24 +64,39 @@ class Encoder(nn.Module):
         self.patch_sizes = tuple(int(p) for p in patch_sizes)
         self.default_patch_size = int(default_patch_size)
         self.embed_dim = int(embed_dim)
+        self.pad_batches = False
+        self._max_batch: dict[tuple, int] = {}
         self.requires_grad_(False)
         self.eval()
 
     def _features(self, x: torch.Tensor, patch_size: int | None) -> dict:
         raise NotImplementedError
 
+    def _padded_features(self, x: torch.Tensor, patch_size: int | None) -> dict:
+        """``_features``, with ``x`` zero-padded to the largest batch seen when ``pad_batches``."""
+        n = x.shape[0]
+        if not self.pad_batches:
+            return self._features(x, patch_size)
+        key = (tuple(x.shape[1:]), patch_size, x.dtype, x.device)
+        full = max(self._max_batch.get(key, 0), n)
+        self._max_batch[key] = full
+        if n == full:
+            return self._features(x, patch_size)
+        out = self._features(torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]), patch_size)
+        return {k: (v[:n] if torch.is_tensor(v) else v) for k, v in out.items()}
+
     @torch.no_grad()
     def forward_features(self, x: torch.Tensor, patch_size: int | None = None) -> dict:
         """``x`` ``[B, 3, H, W]`` normalised with ``mean``/``std`` -> dict ``cls`` ``[B, D]``, ``registers``
         ``[B, R, D]``, ``patch`` ``[B, N, D]``, ``grid`` ``(h, w)``."""
-        return self._features(x, patch_size)
+        return self._padded_features(x, patch_size)
 
     @torch.no_grad()
     def embed(self, x: torch.Tensor, patch_size: int | None = None, pooling: str = "cls") -> torch.Tensor:
         """``[B, D]`` (``cls``) or ``[B, 2D]`` (``cls+mean``: cls concatenated with the mean patch token)."""
         if pooling not in POOLINGS:
             raise OpenPlutoError(f"unknown pooling '{pooling}' (choose from {', '.join(POOLINGS)})")
-        out = self._features(x, patch_size)
+        out = self._padded_features(x, patch_size)
         if pooling == "cls":
             return out["cls"]
         return torch.cat([out["cls"], out["patch"].mean(dim=1)], dim=-1)
@@ -102,6 +120,7 @@ class PlutoEncoder(Encoder):
     def __init__(self, model: PlutoViT, name: str, weights_hash: str) -> None:
         super().__init__(model, name, weights_hash, model.cfg.mean, model.cfg.std, model.patch_sizes,
                          model.default_patch_size, model.embed_dim)
+        model.set_kernel_cache(True)
 
     def _features(self, x: torch.Tensor, patch_size: int | None) -> dict:
         return self.backbone.forward_features(x, patch_size)

@@ -11,7 +11,8 @@ Token layout (as DINOv2/DINOv3): ``[cls, reg_1..reg_R, patch_1..patch_N]``, patc
 - Blocks: ``PlutoBlock``, i.e. timm's ``EvaBlock`` (pre-norm, fused SDPA attention, LayerScale, MLP
   or packed SwiGLU FFN, stochastic depth) with RoPE applied to q and k in one fused pass. EVA
   attention has no key bias: it would add the same value to every logit of a query row, which
-  softmax ignores.
+  softmax ignores. The RoPE table of a grid is built once per (grid, device) and reused by every
+  block and step (rebuilt each forward only while timm's train-time coordinate augmentation is on).
 - Masking (iBOT): ``masks [B, N]`` replaces the masked patch embeddings by ``mask_token`` before
   positions are added and before the blocks.
 """
@@ -27,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from openpluto.errors import OpenPlutoError
 from openpluto.model.config import ModelConfig
-from openpluto.model.layers import FlexiPatchEmbed, PlutoBlock, rope_tables
+from openpluto.model.layers import FlexiPatchEmbed, PlutoBlock, rope_tables, sdpa_priority
 
 POOLINGS = ("cls", "cls+mean")
 
@@ -87,6 +88,8 @@ class PlutoViT(nn.Module):
             for i in range(cfg.depth)
         ])
         self.norm = norm_layer(dim)
+        self._rope_cache: dict[tuple, torch.Tensor] = {}
+        self.set_attention_backend(cfg.attn_backend)
         self.init_weights()
 
     # ------------------------------------------------------------------------------------ init
@@ -129,6 +132,21 @@ class PlutoViT(nn.Module):
         """Recompute block activations in the backward pass (less memory, ~30% more compute)."""
         self.grad_checkpointing = enable
 
+    def set_attention_backend(self, name: str) -> None:
+        """Put one SDPA backend first in every block: ``auto`` (PyTorch's choice), ``flash``, ``cudnn``,
+        ``efficient`` or ``math`` (the others stay as fallbacks)."""
+        backends = sdpa_priority(name)
+        for blk in self.blocks:
+            blk.sdpa_backends = backends
+
+    def set_kernel_cache(self, enabled: bool = True) -> None:
+        """Cache the PI-resized patch kernel when no gradient is wanted for it (frozen encoders)."""
+        self.patch_embed.cache_kernels = enabled
+
+    def _apply(self, fn, *args, **kwargs):
+        self._rope_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
     # ------------------------------------------------------------------------------------ forward
     def _resolve_patch_size(self, patch_size: int | None) -> int:
         p = self.default_patch_size if patch_size is None else int(patch_size)
@@ -166,10 +184,23 @@ class PlutoViT(nn.Module):
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
         x = torch.cat(prefix + [x], dim=1)
-        rope = None
-        if self.rope is not None:  # [2, 1+R+N, head_dim]: cos and signed sin, identity on cls/registers
-            rope = rope_tables(self.rope.get_embed(shape=[h, w]).to(x.device), self.num_prefix_tokens)
+        rope = self.rope_table((h, w), x.device) if self.rope is not None else None
         return x, rope, (h, w)
+
+    def rope_table(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """fp32 ``[2, 1+R+h*w, head_dim]`` (cos, signed sin; identity on cls/registers) for ``grid``,
+        cached per (grid, device) unless timm's train-time coordinate augmentation is active."""
+        assert self.rope is not None
+        augmented = self.rope.training and self.rope.aug_active
+        key = (grid, device)
+        table = None if augmented else self._rope_cache.get(key)
+        if table is None:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, reusable with autograd
+                table = rope_tables(self.rope.get_embed(shape=list(grid)).float(), self.num_prefix_tokens)
+                table = table.to(device)
+            if not augmented:
+                self._rope_cache[key] = table
+        return table
 
     def forward_tokens(
         self, x: torch.Tensor, patch_size: int | None = None, masks: torch.Tensor | None = None
@@ -190,7 +221,8 @@ class PlutoViT(nn.Module):
         dict ``cls`` ``[B, D]``, ``registers`` ``[B, R, D]``, ``patch`` ``[B, N, D]``, ``grid`` ``(h, w)``."""
         x, grid = self.forward_tokens(x, patch_size, masks)
         r = self.num_prefix_tokens
-        return {"cls": x[:, 0], "registers": x[:, 1:r], "patch": x[:, r:], "grid": grid}
+        cls, registers, patch = x.split((1, r - 1, x.shape[1] - r), dim=1)  # backward: one concatenation
+        return {"cls": cls.squeeze(1), "registers": registers, "patch": patch, "grid": grid}
 
     def forward(
         self, x: torch.Tensor, patch_size: int | None = None, masks: torch.Tensor | None = None

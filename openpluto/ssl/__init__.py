@@ -1,10 +1,12 @@
 """openpluto.ssl: the DINOv2-style self-supervised objective for pathology tiles.
 
-Views (multi-crop + histology augmentations), iBOT block masks, DINO/iBOT heads, Sinkhorn-Knopp and
+Views (multi-crop cut in the loader workers, histology augmentations applied batched on the model's
+device), iBOT block masks, DINO/iBOT heads, Sinkhorn-Knopp and
 softmax centering, the DINO, iBOT and KoLeo losses, and :class:`SSLMetaArch` (student + EMA teacher).
 The training loop, schedules and checkpoints live in :mod:`openpluto.train`.
 """
 
+from openpluto.ssl.augment import BatchAugment, draw_params
 from openpluto.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from openpluto.ssl.config import AugmentConfig, CropConfig, HeadConfig, LossConfig, MaskConfig, SSLConfig
 from openpluto.ssl.heads import DINOHead, NormalizedLinear
@@ -16,6 +18,7 @@ from openpluto.ssl.preview import render_views, save_views_png
 
 __all__ = [
     "AugmentConfig",
+    "BatchAugment",
     "CropConfig",
     "DINOHead",
     "DINOLoss",
@@ -34,6 +37,7 @@ __all__ = [
     "render_views",
     "save_views_png",
     "collate_multicrop",
+    "draw_params",
     "sample_masks",
     "sinkhorn_knopp",
     "unwrap",

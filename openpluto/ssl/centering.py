@@ -26,29 +26,37 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = 3) -> torch.Tensor:
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float = 1.0, n_iterations: int = 3) -> torch.Tensor:
     """Sinkhorn-Knopp targets ``[B, K]`` (float32): rows sum to 1, columns to B/K (B summed over ranks).
 
-    ``teacher_logits`` ``[B, K]``, any float dtype; ``temp`` the teacher temperature. Every rank must
-    call this (B may be 0 on some ranks).
+    ``teacher_logits`` ``[B, K]``, any float dtype (never modified); ``temp`` the teacher temperature
+    (1 when the logits are already divided by it). Every rank must call this (B may be 0 on some ranks).
+
+    The iterations keep ``Q = diag(u) E diag(v)`` with ``E = exp(t / temp - max)`` as two scaling
+    vectors, so each one reads E twice (two matrix-vector products) instead of rewriting it four
+    times; the result equals the textbook loop (normalise prototypes, then samples) to float rounding.
+    No host synchronisation: counts stay on the device.
     """
     with torch.autocast(device_type=teacher_logits.device.type, enabled=False):
-        t = teacher_logits.float() / temp
+        e = teacher_logits.float()
+        if e.data_ptr() == teacher_logits.data_ptr():
+            e = e.clone()
+        if temp != 1.0:
+            e.div_(temp)
         # Subtracting the global max leaves Q unchanged (it is normalised) and keeps exp finite.
-        t_max = t.max() if t.numel() else torch.tensor(-torch.inf, device=t.device)
-        t_max = _all_reduce(t_max.reshape(1).clone(), dist.ReduceOp.MAX)
-        q = torch.exp(t - t_max).t()  # [K, B]
-        k = q.shape[0]
-        b = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
-        q /= _all_reduce(q.sum().reshape(1))
+        local_max = e.amax() if e.numel() else torch.full((), -torch.inf, device=e.device)
+        e.sub_(_all_reduce(local_max.reshape(1), dist.ReduceOp.MAX)).exp_()  # [B, K], max 1
+        n_rows, k = e.shape
+        b = _all_reduce(torch.full((1,), float(n_rows), device=e.device))  # global B, on the device
+        tiny = torch.finfo(e.dtype).tiny
+        u = torch.ones(n_rows, device=e.device, dtype=e.dtype)
+        v = torch.ones(k, device=e.device, dtype=e.dtype)
         for _ in range(n_iterations):
-            rows = _all_reduce(q.sum(dim=1, keepdim=True))  # per prototype, over the global batch
-            q /= rows.clamp(min=torch.finfo(q.dtype).tiny)
-            q /= k
-            q /= q.sum(dim=0, keepdim=True).clamp(min=torch.finfo(q.dtype).tiny)  # per sample
-            q /= b
-        q *= b
-        return q.t()
+            col = _all_reduce(torch.mv(e.t(), u))  # per prototype, over the global batch
+            v = (col.clamp_(min=tiny) * k).reciprocal_()
+            row = torch.mv(e, v)  # per sample
+            u = (row.clamp_(min=tiny) * b).reciprocal_()
+        return e.mul_(v).mul_((u * b)[:, None])
 
 
 class SoftmaxCentering(nn.Module):
@@ -72,8 +80,6 @@ class SoftmaxCentering(nn.Module):
     def update(self, teacher_logits: torch.Tensor) -> None:
         t = teacher_logits.detach().float()
         total = _all_reduce(t.sum(dim=0, keepdim=True))
-        count = _all_reduce(torch.tensor([float(t.shape[0])], device=t.device))
-        if float(count) == 0:
-            return
-        batch_center = total / count
-        self.center.mul_(self.momentum).add_(batch_center, alpha=1.0 - self.momentum)
+        count = _all_reduce(torch.full((1,), float(t.shape[0]), device=t.device))
+        moved = self.center * self.momentum + (total / count.clamp(min=1.0)) * (1.0 - self.momentum)
+        self.center.copy_(torch.where(count > 0, moved, self.center))  # no host sync; empty batch: unchanged

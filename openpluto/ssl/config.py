@@ -212,6 +212,10 @@ class SSLConfig:
         """Raise ConfigError unless the crop sizes are divisible by every patch size in ``patch_sizes``."""
         self.crops.check_patch_sizes(patch_sizes)
 
+    def uses_ibot(self) -> bool:
+        """Whether the iBOT term is on (a weight and a masked share above 0)."""
+        return self.loss.ibot_weight > 0 and self.masks.sample_probability > 0
+
     @classmethod
     def dinov2_like(cls, patch_size: int = 16) -> SSLConfig:
         """DINOv2's sizes (224/96 crops, 8 local, 65536 prototypes; 224/98 for patch 14)."""

@@ -7,13 +7,15 @@
   (:meth:`SSLMetaArch.update_teacher`);
 - the centering buffers (softmax centering) and the three losses.
 
-One step (``meta(batch, patch_size, teacher_temp, generator)``):
+One step (``meta(batch, patch_size, teacher_temp, generator)``) on float views (:class:`BatchAugment`):
 
-1. iBOT masks ``[n_global*B, h*w]`` for the step's patch grid (or ``batch["masks"]`` if given).
-2. Teacher (no grad) on the unmasked global crops -> CLS and masked-patch logits -> Sinkhorn-Knopp
-   (or softmax-centred) targets at ``teacher_temp``, in float32.
-3. Student on the masked global crops and the local crops -> CLS logits of every crop, patch
-   logits at the masked positions, backbone CLS of the global crops.
+1. iBOT masks ``[n_global*B, h*w]`` for the step's patch grid (``batch["masks"]``, drawn by the loader
+   workers, or drawn here from ``generator``).
+2. Teacher (no grad) on the unmasked global crops -> CLS and masked-patch logits (the head divides by
+   ``teacher_temp`` on its prototypes) -> Sinkhorn-Knopp (or softmax-centred) targets, in float32.
+3. Student on the masked global crops and the local crops -> CLS logits of every crop (divided by
+   the student temperature the same way), patch logits at the masked positions, backbone CLS of the
+   global crops.
 4. Losses in float32 (autocast off): DINO local (student local vs teacher global) and global
    (student global i vs teacher global j != i), both divided by the number of pairs; iBOT on masked
    patches; KoLeo on the student CLS of each global crop. ``total`` is their weighted sum.
@@ -41,6 +43,7 @@ from openpluto.errors import ConfigError, OpenPlutoError
 from openpluto.ssl.centering import SoftmaxCentering, sinkhorn_knopp
 from openpluto.ssl.config import SSLConfig
 from openpluto.ssl.heads import DINOHead
+from openpluto.ssl.image_ops import to_device
 from openpluto.ssl.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from openpluto.ssl.masking import sample_masks
 
@@ -91,6 +94,7 @@ class SSLNet(nn.Module):
         patch_size: int | None = None,
         mask_inputs: bool = True,
         mask_indices: torch.Tensor | None = None,
+        logit_scale: float = 1.0,
     ) -> dict[str, torch.Tensor]:
         """Run the backbone and heads.
 
@@ -102,6 +106,8 @@ class SSLNet(nn.Module):
             patch_size: the step's patch size (None: the backbone default).
             mask_indices: optional ``masks.flatten().nonzero()[:, 0]`` computed beforehand (on the CPU),
                 which spares the GPU a host sync for boolean indexing.
+            logit_scale: multiplies the head logits (e.g. 1 / temperature), applied to the normalised
+                prototypes rather than to the logits.
         Returns: ``global_cls [n_global*B, D]`` (backbone CLS), ``global_dino [n_global*B, K]``,
             ``local_dino [n_local*B, K]`` (if local crops), ``ibot [M, K']`` (if masks; M = masks.sum(),
             rows in ``patch[masks]`` order).
@@ -129,19 +135,19 @@ class SSLNet(nn.Module):
         n_global = feats["cls"].shape[0]
         if self.shared_head:
             tokens = torch.cat(cls_tokens + ([masked] if masked is not None else []), dim=0)
-            logits = self.dino_head(tokens)
+            logits = self.dino_head(tokens, logit_scale)
             out["global_dino"] = logits[:n_global]
             if n_local:
                 out["local_dino"] = logits[n_global: n_global + n_local]
             if masked is not None:
                 out["ibot"] = logits[n_global + n_local:]
         else:
-            logits = self.dino_head(torch.cat(cls_tokens, dim=0))
+            logits = self.dino_head(torch.cat(cls_tokens, dim=0), logit_scale)
             out["global_dino"] = logits[:n_global]
             if n_local:
                 out["local_dino"] = logits[n_global:]
             if masked is not None:
-                out["ibot"] = self.ibot_head(masked)
+                out["ibot"] = self.ibot_head(masked, logit_scale)
         return out
 
 
@@ -179,7 +185,7 @@ class SSLMetaArch(nn.Module):
         h, lc = cfg.heads, cfg.loss
         dim = int(backbone.embed_dim)
         dino_head = DINOHead(dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers)
-        self.use_ibot = lc.ibot_weight > 0 and cfg.masks.sample_probability > 0
+        self.use_ibot = cfg.uses_ibot()
         ibot_head = None
         if self.use_ibot and h.ibot_separate_head:
             ibot_head = DINOHead(dim, h.ibot_out_dim, h.ibot_hidden_dim, h.ibot_bottleneck_dim, h.n_layers)
@@ -190,28 +196,17 @@ class SSLMetaArch(nn.Module):
         ibot_dim = h.ibot_out_dim if ibot_head is not None else h.out_dim
         self.dino_center = SoftmaxCentering(h.out_dim, lc.center_momentum)
         self.ibot_center = SoftmaxCentering(ibot_dim, lc.center_momentum)
-        self.dino_loss = DINOLoss(lc.student_temp)
-        self.ibot_loss = IBOTPatchLoss(lc.student_temp)
+        # Logits reach the losses already divided by their temperature (the heads' ``logit_scale``).
+        self.dino_loss = DINOLoss(1.0)
+        self.ibot_loss = IBOTPatchLoss(1.0)
         self.koleo_loss = KoLeoLoss()
+        self._ema_cache: tuple[tuple[int, int], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         """Switch the student; the teacher always stays in eval mode (no drop-path)."""
         super().train(mode)
         self.teacher.eval()
         return self
-
-    # ------------------------------------------------------------------ teacher targets
-
-    @torch.no_grad()
-    def _targets(
-        self, logits: torch.Tensor, temp: float, center: SoftmaxCentering, update: bool
-    ) -> torch.Tensor:
-        if self.cfg.loss.centering == "sinkhorn_knopp":
-            return sinkhorn_knopp(logits, temp, self.cfg.loss.sinkhorn_iterations)
-        probs = center(logits, temp)
-        if update:
-            center.update(logits)
-        return probs
 
     # ------------------------------------------------------------------ one step
 
@@ -220,20 +215,37 @@ class SSLMetaArch(nn.Module):
         batch: dict[str, Any],
         patch_size: int,
         teacher_temp: float,
-        generator: torch.Generator,
+        generator: torch.Generator | None = None,
         update_centers: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Losses of one step on a :func:`~openpluto.ssl.multicrop.collate_multicrop` batch.
+        """Losses of one step on a batch of float views (:class:`~openpluto.ssl.augment.BatchAugment`).
 
-        ``batch`` may carry precomputed ``masks`` ``[n_global*B, h*w]``; otherwise they are drawn from
+        ``batch`` may carry precomputed iBOT ``masks`` ``[n_global*B, h*w]`` on the CPU (with their
+        ``mask_indices`` and ``mask_weights``, see :func:`mask_inputs`); otherwise they are drawn from
         ``generator`` (a CPU generator). ``update_centers=False`` leaves the softmax centre as it is
         (e.g. for all but the last micro-batch of gradient accumulation).
         Returns float32 scalars: ``dino_local``, ``dino_global`` (if used), ``ibot`` (if used),
         ``koleo``, ``total`` (to backward) and detached monitors ``teacher_entropy`` (nats),
         ``student_feat_std`` (std over the batch of L2-normalised student CLS, mean over dims;
-        0 means collapse), ``masked_share``.
+        0 means collapse), ``masked_share``. Nothing here waits for the device.
         """
-        cfg = self.cfg
+        glob, loc, B = self._views(batch, patch_size)
+        n_global = glob.shape[0] // B
+        ps = int(patch_size)
+        masks = mask_idx = mask_weights = None
+        if self.use_ibot:
+            grid = (glob.shape[-2] // ps, glob.shape[-1] // ps)
+            masks, mask_idx, mask_weights = self._masks(batch, n_global * B, grid, generator, glob.device)
+
+        with torch.no_grad(), _quiet_fsdp_views():
+            t_dino, t_ibot = self._teacher_targets(glob, masks, mask_idx, ps, teacher_temp, update_centers)
+        with _quiet_fsdp_views():
+            s_out = self.student(glob, loc, masks, ps, mask_indices=mask_idx,
+                                 logit_scale=1.0 / self.cfg.loss.student_temp)
+        return self._losses(s_out, t_dino, t_ibot, masks, mask_weights, B, n_global)
+
+    def _views(self, batch: dict[str, Any], patch_size: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(global crops, local crops or None, B) of a batch, checked against the step's patch size."""
         glob = batch["global_crops"]
         B = int(batch["batch_size"])
         loc = batch.get("local_crops")
@@ -241,41 +253,60 @@ class SSLMetaArch(nn.Module):
             loc = None
         if B < 1 or glob.shape[0] % B:
             raise OpenPlutoError(f"batch has {glob.shape[0]} global crops, not a multiple of batch_size {B}")
-        n_global = glob.shape[0] // B
-        n_local = loc.shape[0] // B if loc is not None else 0
+        if not glob.is_floating_point():
+            raise OpenPlutoError("the batch holds uint8 crops: apply BatchAugment (openpluto.ssl) first")
         ps = int(patch_size)
         for name, t in (("global", glob), ("local", loc)):
             if t is not None and (t.shape[-1] % ps or t.shape[-2] % ps):
                 raise ConfigError(
                     f"{name} crops of {t.shape[-2]}x{t.shape[-1]} px are not divisible by patch size {ps}; "
                     f"change crops.{name}_size or the patch sizes")
-        grid = (glob.shape[-2] // ps, glob.shape[-1] // ps)
-        masks = mask_idx = mask_weights = None
-        if self.use_ibot:
-            masks = batch.get("masks")
-            if masks is None:
-                masks = sample_masks(n_global * B, grid, cfg.masks, generator)
-            masks = masks.cpu()  # indices and per-token weights are computed here, without a device sync
-            mask_idx = masks.flatten().nonzero().flatten().to(glob.device, non_blocking=True)
-            mask_weights = IBOTPatchLoss.token_weights(masks).to(glob.device, non_blocking=True)
-            masks = masks.to(glob.device, non_blocking=True)
+        return glob, loc, B
 
-        with torch.no_grad(), _quiet_fsdp_views():
-            t_out = self.teacher(glob, None, masks, ps, mask_inputs=False, mask_indices=mask_idx)
-            t_dino = self._targets(t_out["global_dino"], teacher_temp, self.dino_center, update_centers)
-            t_ibot = (self._targets(t_out["ibot"], teacher_temp, self.ibot_center, update_centers)
-                      if masks is not None else None)
+    def _masks(self, batch: dict[str, Any], n_images: int, grid: tuple[int, int],
+               generator: torch.Generator | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """iBOT masks, flat indices of masked tokens and their weights, on ``device`` (made on the CPU)."""
+        if "masks" in batch:
+            parts = batch if "mask_indices" in batch else mask_inputs(batch["masks"])
+        else:
+            if generator is None:
+                raise OpenPlutoError("SSLMetaArch needs a generator to draw iBOT masks, or batch['masks']")
+            parts = mask_inputs(sample_masks(n_images, grid, self.cfg.masks, generator))
+        return tuple(to_device(parts[k].cpu(), device) for k in ("masks", "mask_indices", "mask_weights"))
 
-        with _quiet_fsdp_views():
-            s_out = self.student(glob, loc, masks, ps, mask_indices=mask_idx)
+    @torch.no_grad()
+    def _teacher_targets(self, glob: torch.Tensor, masks: torch.Tensor | None, mask_idx: torch.Tensor | None,
+                         ps: int, temp: float, update: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher (unmasked global crops) -> centred DINO targets ``[n_global*B, K]`` and iBOT targets
+        ``[M, K']`` for the masked tokens only, in float32."""
+        sk = self.cfg.loss.centering == "sinkhorn_knopp"
+        # Sinkhorn-Knopp takes logits / temp: the head divides (on its prototypes, not on the logits).
+        out = self.teacher(glob, None, masks, ps, mask_inputs=False, mask_indices=mask_idx,
+                           logit_scale=1.0 / temp if sk else 1.0)
 
-        lc = cfg.loss
-        with torch.autocast(device_type=glob.device.type, enabled=False):
+        def targets(logits: torch.Tensor, center: SoftmaxCentering) -> torch.Tensor:
+            if sk:
+                return sinkhorn_knopp(logits, 1.0, self.cfg.loss.sinkhorn_iterations)
+            probs = center(logits, temp)
+            if update:
+                center.update(logits)
+            return probs
+
+        t_ibot = targets(out["ibot"], self.ibot_center) if masks is not None else None
+        return targets(out["global_dino"], self.dino_center), t_ibot
+
+    def _losses(self, s_out: dict[str, torch.Tensor], t_dino: torch.Tensor, t_ibot: torch.Tensor | None,
+                masks: torch.Tensor | None, mask_weights: torch.Tensor | None, B: int, n_global: int
+                ) -> dict[str, torch.Tensor]:
+        """The weighted DINO, iBOT and KoLeo terms and the monitors, in float32 (autocast off)."""
+        lc = self.cfg.loss
+        with torch.autocast(device_type=t_dino.device.type, enabled=False):
             out: dict[str, torch.Tensor] = {}
             K = t_dino.shape[-1]
             teacher_probs = t_dino.view(n_global, B, K)
+            n_local = s_out["local_dino"].shape[0] // B if "local_dino" in s_out else 0
             n_pairs = n_global * n_local + (n_global * (n_global - 1) if lc.dino_global else 0)
-            zero = s_out["global_dino"].float().sum() * 0.0
+            zero = s_out["global_dino"].sum().float() * 0.0
             total = zero
             if n_local and n_pairs:
                 student_local = s_out["local_dino"].view(n_local, B, K)
@@ -287,40 +318,50 @@ class SSLMetaArch(nn.Module):
                 out["dino_global"] = self.dino_loss(
                     s_out["global_dino"].view(n_global, B, K), teacher_probs, skip_same=True) / n_pairs
                 total = total + lc.dino_weight * out["dino_global"]
-            elif not n_local:  # keep the head in the graph (DDP) even without any DINO pair
-                total = total + zero
             if masks is not None:
                 out["ibot"] = self.ibot_loss(s_out["ibot"], t_ibot, masks, mask_weights)
                 total = total + lc.ibot_weight * out["ibot"]
             cls = s_out["global_cls"].float()
             koleo = sum(self.koleo_loss(c) for c in cls.chunk(n_global)) if lc.koleo_weight > 0 else zero
             out["koleo"] = koleo
-            total = total + lc.koleo_weight * koleo
-            out["total"] = total
+            out["total"] = total + lc.koleo_weight * koleo
             with torch.no_grad():
-                out["teacher_entropy"] = _entropy(t_dino.float()).detach()
+                out["teacher_entropy"] = _entropy(t_dino).detach()
                 out["student_feat_std"] = F.normalize(cls.detach(), dim=-1).std(dim=0, correction=0).mean()
-                out["masked_share"] = (masks.float().mean() if masks is not None else zero.detach())
+                out["masked_share"] = masks.float().mean() if masks is not None else zero.detach()
         return out
 
     # ------------------------------------------------------------------ EMA teacher
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """``teacher <- momentum * teacher + (1 - momentum) * student``, parameter by parameter.
+        """``teacher <- momentum * teacher + (1 - momentum) * student``, all parameters in one
+        ``torch._foreach_lerp_``.
 
         Works with a DDP-wrapped or compiled student (names are matched after removing wrapper
         segments) and with fully_shard-ed (DTensor) parameters: local shards are updated in place when
         both sides are sharded alike, the student's full tensor is gathered when only it is sharded.
+        The pairing of plain parameters is worked out once and reused.
         """
+        _reshard(unwrap(self.student))
+        _reshard(unwrap(self.teacher))
+        key = (id(unwrap(self.student)), id(unwrap(self.teacher)))
+        if self._ema_cache is not None and self._ema_cache[0] == key:
+            teacher_list, student_list = self._ema_cache[1], self._ema_cache[2]
+        else:
+            teacher_list, student_list, reusable = self._ema_pairs()
+            self._ema_cache = (key, teacher_list, student_list) if reusable else None
+        if teacher_list:
+            torch._foreach_lerp_(teacher_list, student_list, 1.0 - float(momentum))
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+        """(teacher tensors, matching student tensors, whether the pairing can be reused next step)."""
         try:
             from torch.distributed.tensor import DTensor
         except ImportError:  # pragma: no cover
             DTensor = ()  # type: ignore[assignment]  # noqa: N806
-        _reshard(unwrap(self.student))
-        _reshard(unwrap(self.teacher))
         student = {_canonical(n): p for n, p in unwrap(self.student).named_parameters()}
-        teacher_list, student_list = [], []
+        teacher_list, student_list, reusable = [], [], True
         for name, tp in unwrap(self.teacher).named_parameters():
             key = _canonical(name)
             sp = student.get(key)
@@ -329,8 +370,10 @@ class SSLMetaArch(nn.Module):
             t_is, s_is = isinstance(tp, DTensor), isinstance(sp, DTensor)
             if t_is and s_is:
                 tv, sv = tp.to_local(), sp.to_local()
+                reusable = False
             elif s_is:
                 tv, sv = tp.data, sp.full_tensor()
+                reusable = False
             elif t_is:
                 raise OpenPlutoError("update_teacher: the teacher is sharded, the student is not; shard both")
             else:
@@ -338,8 +381,20 @@ class SSLMetaArch(nn.Module):
             if tv.shape != sv.shape:
                 raise OpenPlutoError(f"update_teacher: '{key}' has shape {tuple(tv.shape)} in the teacher "
                                      f"but {tuple(sv.shape)} in the student")
+            if sv.dtype != tv.dtype:
+                sv, reusable = sv.to(tv.dtype), False
             teacher_list.append(tv)
-            student_list.append(sv.to(tv.dtype) if sv.dtype != tv.dtype else sv)
-        if teacher_list:
-            torch._foreach_mul_(teacher_list, float(momentum))
-            torch._foreach_add_(teacher_list, student_list, alpha=1.0 - float(momentum))
+            student_list.append(sv)
+        return teacher_list, student_list, reusable
+
+
+def mask_inputs(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a step needs from iBOT masks ``[N, P]`` (bool), as CPU tensors: ``masks``,
+    ``mask_indices`` (flat indices of the True entries, i.e. ``patch.flatten(0, 1)`` rows) and
+    ``mask_weights`` (1 / masked tokens of its image, per True entry)."""
+    masks = masks.cpu()
+    return {
+        "masks": masks,
+        "mask_indices": masks.flatten().nonzero().flatten(),
+        "mask_weights": IBOTPatchLoss.token_weights(masks),
+    }

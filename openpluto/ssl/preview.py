@@ -1,7 +1,7 @@
 """A PNG of the views the student and teacher see: every crop of a few tiles, with the iBOT masks.
 
 Useful to check augmentation strength on one's own stain before a long run:
-``save_views_png(tiles, MultiCropTransform(cfg.crops, mean, std), "views.png", mean, std, cfg.masks, 16)``.
+``save_views_png(tiles, MultiCropTransform(cfg.crops), "views.png", mean, std, cfg.masks, 16)``.
 One row per tile: the global crops (masked tokens shaded red), then the local crops.
 """
 
@@ -15,9 +15,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from openpluto.io import atomic_path
+from openpluto.ssl.augment import BatchAugment
 from openpluto.ssl.config import MaskConfig
 from openpluto.ssl.masking import sample_masks
-from openpluto.ssl.multicrop import MultiCropTransform
+from openpluto.ssl.multicrop import MultiCropTransform, collate_multicrop
 
 
 def _to_uint8(t: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -40,9 +41,12 @@ def render_views(
 ) -> Image.Image:
     """One row per tile: global crops (masked patches tinted red when ``masks_cfg``), then local crops."""
     torch.manual_seed(seed)
-    views = [transform(t) for t in tiles]
     cfg = transform.cfg
     n_g, n_l, G, L = cfg.n_global, cfg.n_local, cfg.global_size, cfg.local_size
+    batch = BatchAugment(cfg.augment, mean, std)(collate_multicrop([transform(t) for t in tiles]), "cpu")
+    B = len(tiles)
+    views = [{"global_crops": [batch["global_crops"][c * B + i] for c in range(n_g)],
+              "local_crops": [batch["local_crops"][c * B + i] for c in range(n_l)]} for i in range(B)]
     masks = None
     if masks_cfg is not None:
         grid = (G // patch_size, G // patch_size)

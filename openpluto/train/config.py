@@ -93,9 +93,13 @@ class TrainConfig:
     patch_sizes: tuple[int, ...] | None = None  # None: the model's patch_sizes
     patch_size_probs: tuple[float, ...] | None = None
     max_steps: int = 1000
+    # Wall-time limit (minutes since pretrain() started): stop cleanly at the first step boundary after
+    # it, with a checkpoint. The schedules stay defined by max_steps, so the steps made are the same.
+    max_minutes: float | None = None
     global_batch_size: int | None = None  # sets grad_accum_steps = global / (batch_size * world)
     seed: int = 0
     max_nonfinite_in_row: int = 20
+    compile: bool = False  # torch.compile the backbone blocks (openpluto.model.maybe_compile); CLI --compile
     ssl: SSLConfig = field(default_factory=SSLConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -106,6 +110,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"max_minutes must be > 0 (or null for no limit), got {self.max_minutes}")
         if self.data.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.data.batch_size}")
         if self.dist.grad_accum_steps < 1:

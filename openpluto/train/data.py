@@ -16,12 +16,18 @@ counts the samples of the ``*.tar`` files below it. Samples are read in place wi
 (webdataset's indexed reader: a tar's member index, then a seek per sample), so each rank and worker
 reads only its own samples. Otherwise every image file under the folder (recursively) is a sample.
 A sample that fails to decode is reported once and replaced by the next position's sample.
+
+Work split. Workers decode, cut the random-resized crops as uint8 and draw every crop's augmentation
+parameters (:class:`~openpluto.ssl.multicrop.MultiCropTransform`); :class:`StepMasks` adds each
+micro-batch's iBOT masks; the trainer applies the augmentation batched on its device
+(:class:`~openpluto.ssl.augment.BatchAugment`).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +38,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from openpluto.errors import OpenPlutoError
+from openpluto.ssl.masking import sample_masks
+from openpluto.ssl.meta_arch import mask_inputs
+from openpluto.train.patch_sizes import patch_size_for_step
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 
@@ -208,10 +217,15 @@ class PositionViews(Dataset):
         else:
             raise DataError(f"16 unreadable samples in a row near position {position}; check the shards")
         s = _mix(self.seed, 1, position)
-        torch.manual_seed(s)
+        # The CPU generator only: torch.manual_seed would also queue a CUDA/XPU/MTIA re-seed with a
+        # formatted stack trace, a third of a worker's time per sample. The draws are the same.
+        torch.default_generator.manual_seed(s)
         random.seed(s)
         np.random.seed(s % 2**32)
-        return self.transform(img)
+        out = self.transform(img)
+        if isinstance(out, dict):
+            out["position"] = position
+        return out
 
 
 class StreamSampler(Sampler[int]):
@@ -231,6 +245,51 @@ class StreamSampler(Sampler[int]):
         return 2**62
 
 
+class StepMasks:
+    """Collate function that adds each micro-batch's iBOT masks, so the loader workers draw them.
+
+    Micro-batch ``m`` of this rank (``m = position // (world_size * batch_size)``) is micro-batch
+    ``(m - start_micro_batch) % accum`` of optimizer step ``start_step + (m - start_micro_batch) // accum``;
+    its masks are :func:`~openpluto.ssl.masking.sample_masks` on the grid of that step's patch size
+    (:func:`~openpluto.train.patch_sizes.patch_size_for_step`) from a generator seeded by
+    ``(seed, step, micro-batch, rank)``: the same masks the step would draw itself, wherever it runs.
+    Adds ``masks``, ``mask_indices`` and ``mask_weights`` (:func:`~openpluto.ssl.meta_arch.mask_inputs`)
+    and ``patch_size`` to the batch.
+    """
+
+    def __init__(self, collate: Callable, ssl_cfg, patch_sizes: Sequence[int], patch_size_probs,
+                 seed: int, rank: int, world_size: int, batch_size: int, accum: int,
+                 start_step: int, start_micro_batch: int) -> None:
+        self.collate, self.cfg = collate, ssl_cfg
+        self.sizes, self.probs = tuple(patch_sizes), patch_size_probs
+        self.seed, self.rank, self.world, self.b, self.accum = seed, rank, world_size, batch_size, accum
+        self.start_step, self.start_m = start_step, start_micro_batch
+
+    def step_of(self, micro_batch: int) -> tuple[int, int]:
+        """(optimizer step, micro-batch within it) of this rank's micro-batch number ``micro_batch``."""
+        k = micro_batch - self.start_m
+        return self.start_step + k // self.accum, k % self.accum
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = self.collate(samples)
+        step, micro = self.step_of(samples[0]["position"] // (self.world * self.b))
+        patch = patch_size_for_step(step, self.sizes, self.probs, self.seed)
+        batch["patch_size"] = patch
+        crops = self.cfg.crops
+        if self.cfg.uses_ibot():
+            grid = (crops.global_size // patch, crops.global_size // patch)
+            gen = torch.Generator().manual_seed(_mix(self.seed, 3, step, micro, self.rank))
+            batch.update(mask_inputs(sample_masks(crops.n_global * len(samples), grid, self.cfg.masks, gen)))
+        return batch
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGINT to the trainer, which finishes its step and checkpoints
+    (a scheduler signals every process of the job; workers exit with their parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_loader(
     samples: Dataset,
     transform: Callable,
@@ -247,7 +306,10 @@ def build_loader(
     """Endless DataLoader of collated multi-crop micro-batches starting at ``start_micro_batch``."""
     views = PositionViews(samples, transform, seed)
     sampler = StreamSampler(batch_size, rank, world_size, start_micro_batch)
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": True} if num_workers > 0 else {}
+    kwargs = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": True,
+                  "worker_init_fn": _ignore_stop_signals}
     return DataLoader(
         views,
         batch_size=batch_size,

@@ -89,3 +89,13 @@ def test_sk_distributed_equals_local_on_global_batch(tmp_path):
     assert torch.allclose(got, full, atol=1e-6)
     local_only = torch.cat([sinkhorn_knopp(t[:4], 0.1), sinkhorn_knopp(t[4:], 0.1)])
     assert not torch.allclose(local_only, full, atol=1e-4)  # the all-reduce matters
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sk_on_the_gpu_equals_the_cpu_and_bf16_logits_stay_float32():
+    t = torch.randn(300, 4096, generator=torch.Generator().manual_seed(2)) * 0.3
+    cpu = sinkhorn_knopp(t, 0.04)
+    gpu = sinkhorn_knopp(t.cuda(), 0.04)
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-6)
+    half = sinkhorn_knopp(t.cuda().bfloat16(), 0.04)
+    assert half.dtype == torch.float32 and torch.allclose(half.sum(dim=1), torch.ones(300, device="cuda"))

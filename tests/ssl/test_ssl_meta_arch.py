@@ -206,3 +206,21 @@ def test_losses_stay_float32_under_bf16_autocast():
     assert all(v.dtype == torch.float32 for v in out.values())
     assert torch.isfinite(out["total"])
     out["total"].backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_step_on_the_gpu_under_bf16_matches_the_cpu():
+    """bf16 autocast on the GPU: float32 losses close to the CPU fp32 ones, gradients finite."""
+    meta = _meta()
+    batch = random_batch(meta.cfg, 2, seed=4)
+    masks = sample_masks(4, (4, 4), meta.cfg.masks, torch.Generator().manual_seed(1))
+    ref = meta({**batch, "masks": masks}, 8, 0.04, update_centers=False)
+    gpu = copy.deepcopy(meta).cuda()
+    on_gpu = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu({**on_gpu, "masks": masks}, 8, 0.04, update_centers=False)
+    out["total"].backward()
+    for key in ("dino_local", "dino_global", "ibot", "koleo", "total"):
+        assert out[key].dtype == torch.float32
+        assert out[key].item() == pytest.approx(ref[key].item(), rel=0.05, abs=0.05), key
+    assert all(torch.isfinite(p.grad).all() for p in gpu.student.parameters() if p.grad is not None)

@@ -9,8 +9,17 @@ from PIL import Image
 
 from openpluto.config import from_dict
 from openpluto.errors import ConfigError
-from openpluto.ssl import AugmentConfig, CropConfig, MultiCropTransform, SSLConfig, collate_multicrop
-from openpluto.ssl.augment import RandomHEDJitter, RandomRot90, build_steps, hed_to_rgb, rgb_to_hed
+from openpluto.ssl import (
+    AugmentConfig,
+    BatchAugment,
+    CropConfig,
+    MultiCropTransform,
+    SSLConfig,
+    collate_multicrop,
+    draw_params,
+)
+from openpluto.ssl.augment import apply_steps
+from openpluto.ssl.image_ops import hed_jitter, hed_to_rgb, rgb_to_hed
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -20,74 +29,97 @@ def _tile(size=96, seed=0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
 
 
+def _views(cfg: CropConfig, tiles, mean=MEAN, std=STD) -> dict:
+    """Worker half + collation + batched augmentation on the CPU, as the trainer does."""
+    batch = collate_multicrop([MultiCropTransform(cfg)(t) for t in tiles])
+    return BatchAugment(cfg.augment, mean, std)(batch, "cpu")
+
+
 def test_multicrop_shapes_dtype_and_normalisation():
     cfg = CropConfig(global_size=64, local_size=32, n_global=2, n_local=3)
-    out = MultiCropTransform(cfg, MEAN, STD)(_tile())
-    assert [t.shape for t in out["global_crops"]] == [(3, 64, 64)] * 2
-    assert [t.shape for t in out["local_crops"]] == [(3, 32, 32)] * 3
-    assert all(t.dtype == torch.float32 for t in out["global_crops"] + out["local_crops"])
+    sample = MultiCropTransform(cfg)(_tile())
+    assert [t.shape for t in sample["global_crops"]] == [(3, 64, 64)] * 2
+    assert [t.shape for t in sample["local_crops"]] == [(3, 32, 32)] * 3
+    assert all(t.dtype == torch.uint8 for t in sample["global_crops"] + sample["local_crops"])  # uint8
+    assert sample["global_params"]["blur"].shape == (2,)
+    assert sample["local_params"]["hed_scale"].shape == (3, 3)
+    out = _views(cfg, [_tile(seed=0), _tile(seed=1)])
+    assert out["global_crops"].shape == (4, 3, 64, 64) and out["local_crops"].shape == (6, 3, 32, 32)
+    assert out["global_crops"].dtype == torch.float32 and out["batch_size"] == 2
+    assert "global_params" not in out
     # normalised: 0..1 RGB maps into [-mean/std, (1-mean)/std]
     lo = min(-m / s for m, s in zip(MEAN, STD))
     hi = max((1 - m) / s for m, s in zip(MEAN, STD))
-    for t in out["global_crops"]:
-        assert t.min() >= lo - 1e-4 and t.max() <= hi + 1e-4
+    assert out["global_crops"].min() >= lo - 1e-4 and out["global_crops"].max() <= hi + 1e-4
 
 
 def test_multicrop_accepts_arrays_and_grey_images():
     cfg = CropConfig(global_size=32, local_size=16, n_local=1)
-    tr = MultiCropTransform(cfg, MEAN, STD)
+    tr = MultiCropTransform(cfg)
     arr = np.zeros((40, 40, 3), np.uint8)
     assert tr(arr)["global_crops"][0].shape == (3, 32, 32)
     assert tr(Image.new("L", (40, 40)))["local_crops"][0].shape == (3, 16, 16)
 
 
 def test_collate_is_crop_major():
-    samples = [{"global_crops": [torch.full((3, 4, 4), 10.0 * c + i) for c in range(2)],
-                "local_crops": [torch.full((3, 2, 2), 100.0 + 10 * c + i) for c in range(3)]}
-               for i in range(4)]
+    tr = MultiCropTransform(CropConfig(global_size=8, local_size=8, n_global=2, n_local=3))
+    samples = []
+    for i in range(4):
+        s = tr(_tile(16, seed=i))
+        s["global_crops"] = [torch.full((3, 4, 4), 10 * c + i, dtype=torch.uint8) for c in range(2)]
+        s["local_crops"] = [torch.full((3, 2, 2), 100 + 10 * c + i, dtype=torch.uint8) for c in range(3)]
+        s["global_params"]["hue"] = torch.tensor([10.0 * c + i for c in range(2)])
+        s["position"] = 7 + i
+        samples.append(s)
     b = collate_multicrop(samples)
-    assert b["batch_size"] == 4
+    assert b["batch_size"] == 4 and b["position"] == [7, 8, 9, 10]
     assert b["global_crops"].shape == (8, 3, 4, 4) and b["local_crops"].shape == (12, 3, 2, 2)
     assert b["global_crops"][:, 0, 0, 0].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]
+    assert b["global_params"]["hue"].tolist() == [0, 1, 2, 3, 10, 11, 12, 13]  # parameters follow their crop
     assert b["local_crops"][:, 0, 0, 0].tolist() == [100 + 10 * c + i for c in range(3) for i in range(4)]
+    assert b["local_params"]["color_order"].shape == (12, 3)
 
 
 def test_collate_without_local_crops():
-    b = collate_multicrop([{"global_crops": [torch.zeros(3, 4, 4)], "local_crops": []}] * 2)
-    assert b["local_crops"].numel() == 0 and b["global_crops"].shape == (2, 3, 4, 4)
+    tr = MultiCropTransform(CropConfig(global_size=8, local_size=8, n_global=1, n_local=0))
+    b = collate_multicrop([tr(_tile(16)), tr(_tile(16))])
+    assert b["local_crops"].numel() == 0 and b["global_crops"].shape == (2, 3, 8, 8)
+    assert b["local_params"]["blur"].shape == (0,)
+    out = BatchAugment(AugmentConfig(), MEAN, STD)(b, "cpu")
+    assert out["local_crops"].numel() == 0 and out["global_crops"].dtype == torch.float32
 
 
 def test_hed_roundtrip_and_jitter():
-    x = torch.rand(3, 16, 16) * 0.9 + 0.05
+    x = torch.rand(2, 3, 16, 16) * 0.9 + 0.05
     assert torch.allclose(hed_to_rgb(rgb_to_hed(x)), x, atol=1e-5)
-    torch.manual_seed(0)
-    assert torch.equal(RandomHEDJitter(sigma=0.0, p=1.0)(x), x)
-    y = RandomHEDJitter(sigma=0.2, p=1.0)(x)
+    same = hed_jitter(x, torch.ones(2, 3), torch.zeros(2, 3))
+    assert torch.allclose(same, x, atol=1e-5)
+    y = hed_jitter(x, torch.full((2, 3), 1.2), torch.full((2, 3), -0.1))
     assert y.shape == x.shape and y.dtype == x.dtype and not torch.allclose(y, x)
     assert y.min() >= 0 and y.max() <= 1
 
 
 def test_rot90_is_a_rotation():
-    x = torch.arange(16.0).view(1, 4, 4).expand(3, 4, 4)
-    torch.manual_seed(1)
-    y = RandomRot90(p=1.0)(x)
-    assert any(torch.equal(y, torch.rot90(x, k, dims=(-2, -1))) for k in range(4))
+    x = torch.arange(16.0).view(1, 1, 4, 4).expand(4, 3, 4, 4) / 16
+    cfg = AugmentConfig(steps=("rot90",))
+    p = draw_params(cfg, [0] * 4, torch.Generator().manual_seed(0))
+    p["rot90"] = torch.tensor([0, 1, 2, 3])
+    y = apply_steps(x, p, cfg)
+    for k in range(4):
+        assert torch.equal(y[k], torch.rot90(x[k], k, dims=(-2, -1)))
 
 
 def test_steps_are_configurable():
     none = AugmentConfig(steps=())
-    assert build_steps(none, 0) == [] and build_steps(none, "local") == []
-    only_rot = AugmentConfig(steps=("rot90",))
-    assert [type(s).__name__ for s in build_steps(only_rot, 1)] == ["RandomRot90"]
-    full = AugmentConfig()
-    names0 = [type(s).__name__ for s in build_steps(full, 0)]
-    names1 = [type(s).__name__ for s in build_steps(full, 1)]
-    assert "RandomSolarize" not in names0 and "RandomSolarize" in names1  # DINOv2: solarize 2nd crop only
+    p = draw_params(none, [0, 1, "local"], torch.Generator().manual_seed(0))
+    assert not any(p[k].any() for k in ("flip_h", "flip_v", "rot90", "hed", "color", "grayscale", "blur"))
+    p = draw_params(AugmentConfig(), [0] * 200 + [1] * 200, torch.Generator().manual_seed(0))
+    assert not p["solarize"][:200].any() and p["solarize"][200:].any()  # DINOv2: solarize 2nd crop only
     # without augmentation steps a crop covering the whole tile is just the resized, normalised tile
     cfg = CropConfig(global_size=32, local_size=16, n_global=1, n_local=0, global_scale=(1.0, 1.0),
                      augment=none)
     tile = _tile(32)
-    out = MultiCropTransform(cfg, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(tile)["global_crops"][0]
+    out = _views(cfg, [tile], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))["global_crops"][0]
     ref = torch.from_numpy(np.array(tile)).permute(2, 0, 1).float() / 255
     assert torch.allclose(out, ref, atol=1e-6)
 
@@ -124,7 +156,7 @@ def test_views_png_layout_and_mask_tint(tmp_path):
 
     cfg = CropConfig(global_size=32, local_size=16, n_global=2, n_local=2)
     tiles = [Image.new("RGB", (48, 48), (200, 200, 200)) for _ in range(2)]
-    path = save_views_png(tiles, MultiCropTransform(cfg, MEAN, STD), tmp_path / "views.png", MEAN, STD,
+    path = save_views_png(tiles, MultiCropTransform(cfg), tmp_path / "views.png", MEAN, STD,
                           MaskConfig(sample_probability=1.0), patch_size=8)
     img = Image.open(path)
     gap = 4
@@ -135,7 +167,7 @@ def test_views_png_layout_and_mask_tint(tmp_path):
 
 
 def test_hue_rotation_keeps_grey_and_luma_and_inverts():
-    from openpluto.ssl.augment import hue_rotation_matrix
+    from openpluto.ssl.image_ops import hue_rotation_matrix
 
     m = hue_rotation_matrix(0.05)
     grey = torch.full((3,), 0.4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,15 +138,38 @@ def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
-def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines()):
-            return
+def _wait_for(done, proc: subprocess.Popen) -> None:
+    """Wait (however long the machine needs) until ``done()``; fail if the process ends first."""
+    while not done():
         if proc.poll() is not None:
             raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
-    raise AssertionError("training did not reach the kill step in time")
+
+
+def _wait_for_row(csv: Path, step: int, proc: subprocess.Popen) -> None:
+    def logged() -> bool:
+        return csv.is_file() and any(line.startswith(f"{step},") for line in csv.read_text().splitlines())
+
+    _wait_for(logged, proc)
+
+
+# Runs the CLI with the trainer parked for good before step ``STOP`` (after the checkpoint of step
+# STOP - 1 was written), so the test kills it at a known point however fast or slow the machine is.
+_PARKED_CLI = """
+import sys, time, pathlib
+import openpluto.train.trainer as trainer
+from openpluto.cli.main import main
+stop, marker = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+real = trainer._forward_backward
+def parked(cfg, run, step, *a, **k):
+    if step == stop:
+        marker.write_text(str(step))
+        while True:
+            time.sleep(60)
+    return real(cfg, run, step, *a, **k)
+trainer._forward_backward = parked
+sys.exit(main(sys.argv[3:]))
+"""
 
 
 def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
@@ -154,31 +178,19 @@ def test_kill9_then_resume_matches_uninterrupted_run(shards, tmp_path):
     pretrain(_cfg(shards, *extra), ref)
     want = _rows(ref)
 
-    run = tmp_path / "killed"
+    run, parked = tmp_path / "killed", tmp_path / "parked"
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "openpluto.cli.main",
-        "pretrain",
-        "--config",
-        "cpu-tiny",
-        "--data",
-        str(shards),
-        "--out",
-        str(run),
-        *TINY,
-        *extra,
-    ]
+    cmd = [sys.executable, "-c", _PARKED_CLI, "3", str(parked),
+           "pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run), *TINY, *extra]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_row(run / "metrics.csv", 3, proc)
-    proc.send_signal(signal.SIGKILL)
+    _wait_for(parked.is_file, proc)
+    proc.send_signal(signal.SIGKILL)  # mid-run: three steps done, the checkpoint of step 2 on disk
     proc.wait()
     ck = load_checkpoint(run / "checkpoint.pt")
-    assert 2 <= ck["step"] < 4
+    assert ck["step"] == 2
 
     summary = pretrain(load_train_config(run / "config.yaml"), run, resume=True)
-    assert summary["start_step"] == ck["step"] and summary["steps"] == 4
+    assert summary["start_step"] == 2 and summary["steps"] == 4
     got = _rows(run)
     assert sorted(got) == sorted(want)
     for step in want:
@@ -202,7 +214,7 @@ def test_sigterm_writes_a_checkpoint_and_image_folder_input(tmp_path, monkeypatc
     data = write_folder(tmp_path / "imgs", 12, size=48)
     run = tmp_path / "run"
     summary = pretrain(_cfg(data, "max_steps=500", "log.checkpoint_every=1000", "log.tensorboard=false"), run)
-    assert summary["stopped_by_signal"] and summary["steps"] == 2
+    assert summary["stopped_by"] == "signal" and summary["steps_done"] == 2
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 2
 
 
@@ -282,3 +294,65 @@ def test_hot_teacher_run_warns_once_that_it_cannot_learn(shards, tmp_path, capsy
             "schedule.teacher_temp_warmup_steps=1"]
     pretrain(_cfg(shards, "max_steps=4", *cold), tmp_path / "cold")
     assert "near uniform" not in capsys.readouterr().err
+
+
+ALL_AUGMENT = "ssl.crops.augment.steps=[flip,rot90,hed,color,grayscale,blur,solarize]"
+
+
+def test_time_limit_stops_cleanly_and_resume_with_full_augmentation_is_exact(shards, tmp_path):
+    """Every augmentation step on (drawn in workers, applied batched); a run cut by --max-minutes and
+    resumed with a loader worker equals an uninterrupted run without workers, step for step."""
+    extra = ["max_steps=4", "log.checkpoint_every=100", "log.tensorboard=false", ALL_AUGMENT]
+    ref = tmp_path / "ref"
+    pretrain(_cfg(shards, *extra), ref)
+    want = _rows(ref)
+
+    run = tmp_path / "cut"
+    argv = ["pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run), *TINY, *extra]
+    assert cli_main([*argv, "--max-minutes", "1e-6"]) == 0  # a time limit is a clean stop
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "max_minutes" and summary["steps_done"] == 1
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 1
+    assert sorted(_rows(run)) == [1] and _rows(run)[1]["lr"] == want[1]["lr"]  # schedules follow max_steps
+
+    resumed = pretrain(load_train_config(run / "config.yaml", ["max_minutes=null", "data.num_workers=1"]),
+                       run, resume=True)
+    assert resumed["stopped_by"] == "max_steps" and resumed["steps_done"] == 4 and resumed["start_step"] == 1
+    got = _rows(run)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        for key in ("total", "dino_local", "dino_global", "ibot", "koleo", "grad_norm", "teacher_entropy"):
+            assert got[step][key] == want[step][key], (step, key)
+
+
+def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path, capsys):
+    data = write_folder(tmp_path / "one", 1, size=48)
+    run = tmp_path / "run"
+    rc = cli_main(["pretrain", "--config", "cpu-tiny", "--data", str(data), "--out", str(run), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert str(data) in err[0] and "1 image(s), fewer than one batch of 4" in err[0]
+    assert "data.batch_size" in err[0]  # the fix
+    assert not run.exists()  # nothing created before the input was checked
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_exits_nonzero(shards, tmp_path, sig, code):
+    """As a scheduler does: the signal goes to the whole process group (loader workers too); the
+    trainer finishes its step, checkpoints and exits 128 + signal, so `pretrain && export` stops."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "openpluto.cli.main", "pretrain", "--config", "cpu-tiny", "--data",
+           str(shards), "--out", str(run), *TINY, "max_steps=500", "data.num_workers=1",
+           "log.checkpoint_every=1000", "log.tensorboard=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_row(run / "metrics.csv", 1, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate()
+    assert proc.returncode == code, err[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "signal" and summary["signal"] == int(sig)
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    assert 1 <= step == summary["steps_done"] < 500
+    assert f"stopped by {signal.Signals(sig).name}" in err

@@ -12,6 +12,14 @@ so the stored kernel receives gradients from every patch size.
 
 The pseudo-inverse matrices come from timm's ``PatchEmbedInterpolator`` and are cached per
 (target size, device, dtype) for this module's fixed stored size.
+
+With ``cache_kernels`` on (frozen encoders turn it on: embedding and evaluation), the resized kernel
+itself is cached per (patch size, device, dtype) whenever no gradient is wanted for it, and reused
+while the stored weight is unchanged: each entry is stamped with the weight's storage address and
+autograd version counter, which every in-place change (optimizer step, ``load_state_dict``, EMA
+update, ``.to()``) bumps or moves. It is off by default because FSDP2 refills its unsharded
+parameters in place *without* bumping the version counter, so a sharded EMA teacher could see a
+stale kernel (and its kernel changes every step anyway).
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ class FlexiPatchEmbed(nn.Module):
         self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.kernel_size, stride=self.kernel_size)
+        self.cache_kernels = False
+        self._kernel_cache: dict[tuple, tuple[tuple[int, int], torch.Tensor]] = {}
         self.interpolator = PatchEmbedInterpolator(
             base_patch_size=(self.kernel_size, self.kernel_size),
             in_chans=in_chans,
@@ -54,9 +64,45 @@ class FlexiPatchEmbed(nn.Module):
             antialias=antialias,
         )
 
-    def kernel(self, patch_size: int) -> torch.Tensor:
-        """The stored kernel PI-resized to ``[D, C, patch_size, patch_size]`` (differentiable)."""
-        return self.interpolator.resample_conv_weight(self.proj.weight, (patch_size, patch_size))
+    def _resize(self, weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+        return self.interpolator.resample_conv_weight(weight, (patch_size, patch_size))
+
+    def _stamp(self, weight: torch.Tensor) -> tuple[int, int] | None:
+        """(storage address, version counter) of the weight, or None when it must not be cached."""
+        if not self.cache_kernels or (torch.is_grad_enabled() and weight.requires_grad):
+            return None
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            return weight.data_ptr(), weight._version
+        except RuntimeError:  # inference tensors have no version counter
+            return None
+
+    def kernel(self, patch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The stored kernel PI-resized to ``[D, C, patch_size, patch_size]`` (in ``dtype`` if given).
+
+        Differentiable when gradients are wanted; otherwise served from the cache (see the module
+        docstring) when ``cache_kernels`` is on.
+        """
+        weight = self.proj.weight
+        dtype = dtype or weight.dtype
+        if patch_size == self.kernel_size:
+            return weight.to(dtype)
+        stamp = self._stamp(weight)
+        if stamp is None:
+            return self._resize(weight, patch_size).to(dtype)
+        key = (patch_size, weight.device, dtype)
+        hit = self._kernel_cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        with torch.inference_mode(False), torch.no_grad():
+            out = self._resize(weight, patch_size).to(dtype)
+        self._kernel_cache[key] = (stamp, out)
+        return out
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_cache.clear()  # moved or cast: the cached kernels belong to the old tensors
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, patch_size: int) -> torch.Tensor:
         """``x`` ``[B, C, H, W]`` with ``H, W`` divisible by ``patch_size`` -> ``[B, H/p, W/p, D]``."""
@@ -65,6 +111,5 @@ class FlexiPatchEmbed(nn.Module):
             raise OpenPlutoError(
                 f"image size {h}x{w} px is not divisible by patch size {patch_size}; "
                 f"resize or crop the input to a multiple of {patch_size}")
-        weight = self.kernel(patch_size)
-        out = F.conv2d(x, weight.to(x.dtype), self.proj.bias, stride=patch_size)
+        out = F.conv2d(x, self.kernel(patch_size, x.dtype), self.proj.bias, stride=patch_size)
         return out.permute(0, 2, 3, 1)

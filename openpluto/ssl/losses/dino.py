@@ -8,7 +8,8 @@ For student views s and teacher views t (pairs with s == t left out when ``skip_
 ``P_t`` are the centred teacher probabilities (Sinkhorn-Knopp or softmax centering, already divided
 by the teacher temperature). The sum over pairs is not averaged here: the caller divides by the
 total number of pairs of the step (DINOv2's ``n_global*n_local + n_global*(n_global-1)``).
-Computed in float32 with autocast off.
+Computed in float32 with autocast off; with ``student_temp=1`` the logits are taken as already divided
+by the temperature (e.g. by the head's ``scale``), which spares a pass over them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def scaled_float(logits: torch.Tensor, temp: float) -> torch.Tensor:
+    """``logits / temp`` in float32 with one pass over the logits (none when already float32 and temp 1)."""
+    x = logits.float()
+    if temp == 1.0:
+        return x
+    return x.div_(temp) if x.data_ptr() != logits.data_ptr() else x / temp
 
 
 class DINOLoss(nn.Module):
@@ -32,7 +41,7 @@ class DINOLoss(nn.Module):
         With ``skip_same`` (student and teacher see the same S == T views), pair (i, i) is left out.
         """
         with torch.autocast(device_type=student_logits.device.type, enabled=False):
-            log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)  # [S, B, K]
+            log_p = F.log_softmax(scaled_float(student_logits, self.student_temp), dim=-1)  # [S, B, K]
             # cross[s, t] = (1/B) sum_b sum_k P_t[b, k] log p_s[b, k]
             cross = torch.einsum("tbk,sbk->st", teacher_probs.float(), log_p) / log_p.shape[1]
             if skip_same:

@@ -7,7 +7,8 @@ it unmasked. Over the masked tokens j of image i (m_i of them, M_i the set):
     L = - (1/N) sum_i (1/m_i) sum_{j in M_i} sum_k P_ij[k] * log softmax(z_ij / τ_s)_k
 
 where N counts all global crops of the step (masked or not): each masked image weighs the same
-whatever its masked share. Computed in float32 with autocast off.
+whatever its masked share. Computed in float32 with autocast off (``student_temp=1``: the logits are
+already divided by the temperature).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from openpluto.ssl.losses.dino import scaled_float
 
 
 class IBOTPatchLoss(nn.Module):
@@ -39,8 +42,9 @@ class IBOTPatchLoss(nn.Module):
             n_images = masks.shape[0]
             if student_logits.shape[0] == 0 or n_images == 0:
                 return student_logits.float().sum() * 0.0
-            log_p = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
-            per_token = (teacher_probs.float() * log_p).sum(dim=-1)  # [M]
+            log_p = F.log_softmax(scaled_float(student_logits, self.student_temp), dim=-1)
             if weights is None:
                 weights = self.token_weights(masks)
-            return -(per_token * weights).sum() / n_images
+            # sum_m w_m sum_k P[m, k] log p[m, k] as one dot product over the M*K entries
+            weighted = teacher_probs.float() * weights.to(log_p.dtype)[:, None]
+            return -torch.dot(weighted.flatten(), log_p.flatten()) / n_images
