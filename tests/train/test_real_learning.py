@@ -32,3 +32,32 @@ def test_cpu_tiny_learns_on_real_tissue(patches_dir, tmp_path):
         assert m["over_random_mean"] >= 0.10, (probe, m)
         assert m["over_best_random_seed"] >= 0.10, (probe, m)  # beyond the spread of the random seeds
     assert res["diagnostics"]["last_losses"]["student_feat_std"] > 0.01  # no collapse
+
+
+def _load_benchmark():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_learning", REPO / "benchmarks" / "real_learning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_screening_probes_and_margins():
+    """kNN and the logreg screening probe separate three Gaussian blobs and not shuffled labels; the
+    margin over the random twins is paired split by split."""
+    import numpy as np
+
+    rl = _load_benchmark()
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.normal(size=(120, 16)).astype(np.float32) + 6.0 * np.eye(16, dtype=np.float32)[y]
+    splits = rl.make_splits(y, 3, 0.2, 0.2)
+    good = rl.probe_scores(x, y, splits, 3, linear="logreg")
+    noise = rl.probe_scores(rng.normal(size=x.shape).astype(np.float32), y, splits, 3, linear="logreg")
+    assert min(good["knn"]) > 0.9 and min(good["linear"]) > 0.9
+    assert np.mean(noise["knn"]) < 0.6 and np.mean(noise["linear"]) < 0.6
+    summary = rl.summarise({"trained": good, "random_seed0": noise}, ["random_seed0"])
+    for p in rl.PROBES:
+        margin = summary["margins"][p]["over_random_mean"]
+        assert margin == pytest.approx(np.mean(good[p]) - np.mean(noise[p]))
