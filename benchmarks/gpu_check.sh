@@ -15,16 +15,7 @@ read -r -a EXTRA <<<"${GPU_CHECK_ARGS:-}"
 SUITE=(python benchmarks/gpu_suite.py --out "$OUT" "${EXTRA[@]}")
 T0=$(date +%s)
 
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2 start rc
-  shift 2
-  start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/logs/$name.log" 2>&1
-  rc=$?
-  printf '%-16s rc=%-3s %4ss (limit %ss)\n' "$name" "$rc" "$(($(date +%s) - start))" "$limit"
-  [ "$rc" -ne 0 ] && tail -n 5 "$OUT/logs/$name.log" | sed 's/^/    /'
-  return 0
-}
+source "$(dirname "$0")/gpu_steps.sh"
 
 step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
   python -c "import torch, timm; print(torch.__version__, torch.version.cuda, timm.__version__, torch.cuda.get_device_name())";

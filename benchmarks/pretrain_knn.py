@@ -1,11 +1,11 @@
 """Does ``cpu-tiny`` pretraining learn? Held-out accuracy on synthetic tissue, trained vs random init.
 
-    python benchmarks/pretrain_knn.py --out /tmp/knn --max-steps 300 --minutes 10
+    python benchmarks/pretrain_knn.py --out /tmp/knn --max-steps 300
 
 1. ``make_synthetic_patch_dataset`` -> labelled 96 px tiles (6 tissue classes, ``--n-per-class`` split
    60/20/20 into train/val/test, each split with its own stains);
-2. ``cpu-tiny`` pretraining on the *unlabelled* train tiles (``--max-steps``, at most ``--minutes``: the
-   trainer's own ``max_minutes``);
+2. ``cpu-tiny`` pretraining on the *unlabelled* train tiles (``--max-steps``; ``--minutes`` is an optional
+   cap, the trainer's own ``max_minutes``);
 3. teacher backbone vs the same architecture at random init (``--random-seeds`` draws, so the
    baseline's own spread is visible): CLS embeddings at patch 16 and 8 of the tiles resized to 64 px;
    20-NN (cosine, distance-weighted) and a logistic-regression probe fitted on train, accuracy on
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--max-steps", type=int, default=300)
-    ap.add_argument("--minutes", type=float, default=10.0, help="pretraining time limit (max_minutes)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="optional pretraining time cap (max_minutes); the default runs all --max-steps")
     ap.add_argument("--n-per-class", type=int, default=300, help="tiles per class over train/val/test")
     ap.add_argument("--random-seeds", type=int, default=3, help="random-init baselines to draw")
     ap.add_argument("--workers", type=int, default=1)
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             f"data.path={data / 'train'}",
             f"max_steps={args.max_steps}",
             f"data.num_workers={args.workers}",
-            f"max_minutes={args.minutes}",
             "log.progress=false",
+            *([f"max_minutes={args.minutes}"] if args.minutes else []),
             *args.overrides,
         ],
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import openpluto
 
 PKG = Path(openpluto.__file__).parent
-CORE = {"config", "errors", "io", "jobs", "distributed"}
+CORE = {"config", "errors", "io", "jobs", "distributed", "progress"}
 ALLOWED = {
     "slide": CORE,
     "model": CORE,

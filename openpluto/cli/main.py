@@ -3,7 +3,9 @@
 Each module in ``COMMAND_MODULES`` defines ``register(subparsers)``, adding its sub-command(s) with
 ``parser.set_defaults(func=...)``. Heavy imports happen inside the command functions, so
 ``openpluto --help`` stays fast. User errors (``OpenPlutoError``) print one line and exit 2;
-``--debug`` (or ``OPENPLUTO_DEBUG=1``) shows the traceback instead.
+``--debug`` (or ``OPENPLUTO_DEBUG=1``) shows the traceback instead. A command-line mistake (a
+missing or unknown argument) is one line too, ``error: ... (see openpluto CMD --help)``, exit 2;
+bare ``openpluto`` lists the commands and exits 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import traceback
 from openpluto import __version__
 from openpluto.errors import OpenPlutoError
 
+USAGE_ERROR = 2  # exit status of a command-line mistake, as argparse uses
+
 COMMAND_MODULES = [
     "openpluto.cli.slide",  # tissue, tiles
     "openpluto.cli.model",  # export-timm
@@ -28,8 +32,18 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line naming the ``--help`` to read.
+
+    Sub-command parsers are made with the same class (argparse uses the parent's class).
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="openpluto",
         description="Whole-slide images -> tiles -> self-supervised pretraining -> embeddings -> benchmarks.",
     )
@@ -43,10 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # name the sub-command whose --help lists the arguments it does know
+            prog = " ".join(["openpluto", *(getattr(args, k, None) or "" for k in ("command", "protocol"))])
+            parser.prog = prog.strip()
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help, --version (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else USAGE_ERROR
     if not getattr(args, "func", None):
         parser.print_help()
-        return 0
+        return USAGE_ERROR
     debug = args.debug or os.environ.get("OPENPLUTO_DEBUG") == "1"
     try:
         rc = args.func(args)

@@ -12,8 +12,8 @@ from typing import Any
 _EXPORTS = {
     "EmbedConfig": "config", "PcaPictureConfig": "config",
     "SlideTileDataset": "dataset", "tile_loader": "dataset",
-    "EmbedSummary": "cohort", "SlidePlan": "pipeline", "TileEmbedder": "pipeline",
-    "embed_slide": "pipeline", "plan_slide": "pipeline", "run_embed": "pipeline",
+    "EmbedSummary": "cohort", "run_embed": "pipeline",
+    "SlidePlan": "slides", "TileEmbedder": "embedder", "embed_slides": "slides", "plan_slide": "slides",
     "is_complete": "writer", "open_slide_h5": "writer", "read_slide_h5": "writer",
 }
 __all__ = sorted(_EXPORTS)

@@ -24,7 +24,9 @@ class EmbedConfig:
     pooling: Literal["cls", "cls+mean"] = field(default="cls", metadata={
         "help": "tile embedding: CLS token [D], or CLS + mean patch token [2D]"})
     batch_size: int = field(default=64, metadata={"help": "tiles per forward pass"})
-    workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading tiles"})
+    workers: int = field(default=2, metadata={
+        "help": "reader processes shared by all slides of the run (tissue masks, tiles, pictures); 0 counts "
+                "as 1: a slide is never read in the model's process"})
     dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "compute dtype: auto = bf16 autocast on GPU, fp32 on CPU"})
     device: str = field(default="auto", metadata={
@@ -47,8 +49,15 @@ class EmbedConfig:
     seed: int = field(default=0, metadata={
         "help": "torch seed (makes random-init presets identical per run)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads of the main process"})
+    reader: Literal["auto", "openslide"] = field(default="auto", metadata={
+        "help": "auto: JPEG tiles of SVS/TIFF/NDPI pyramids read and decoded directly, OpenSlide for the "
+                "other formats; openslide: always OpenSlide"})
+    dct_scaling: bool = field(default=True, metadata={
+        "help": "decode JPEG tiles at 1/2, 1/4 or 1/8 in the DCT domain when the target µm/px is that much "
+                "coarser than a stored level (faster; within a few grey levels of decode + resize)"})
     timeout: float = field(default=900.0, metadata={
-        "help": "seconds to plan one slide (open, tissue mask, grid) before it is abandoned"})
+        "help": "seconds a reader process may spend on one job of a slide (planning it: open, tissue "
+                "mask, grid; or reading one block of its tiles); past it that slide is abandoned"})
     shard: str | None = field(default=None, metadata={
         "help": "I/N: embed only shard I of N of the slides (default: from SLURM_ARRAY_TASK_ID/"
                 "SLURM_ARRAY_TASK_COUNT; torchrun ranks split each shard further)"})

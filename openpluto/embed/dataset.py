@@ -1,4 +1,9 @@
-"""Tiles of one slide as a torch Dataset; each DataLoader worker opens its own slide handle lazily."""
+"""Tiles of one slide as a torch Dataset, one ``Slide.read`` (``read_region`` + resize) per tile.
+
+The per-tile reference path: the TRIDENT-style baseline of ``benchmarks/embed_throughput.py``.
+``openpluto embed`` reads through one pool of reader processes instead (``embed.slides``). Each
+DataLoader worker opens its own slide handle lazily.
+"""
 
 from __future__ import annotations
 

@@ -227,7 +227,8 @@ def iter_image_batches(
     """Yield ``(uint8 [B, 3, resize, resize], errors list[str])`` in order; decoding runs in
     ``workers`` processes. ``errors[i]`` is ``""`` for a good image, else a one-line message."""
     from torch.utils.data import DataLoader
-    from tqdm import tqdm
+
+    from openpluto.progress import progress as progress_bar
 
     loader = DataLoader(
         _ImageDataset(paths, resize),
@@ -236,7 +237,7 @@ def iter_image_batches(
         shuffle=False,
         collate_fn=_collate,
     )
-    with tqdm(
+    with progress_bar(
         total=len(paths), desc=progress or "images", unit="img", disable=progress is None, leave=False
     ) as bar:
         for batch, errors in loader:

@@ -202,18 +202,22 @@ def save_pc1_heatmap(path: str | os.PathLike, thumbnail: np.ndarray, downsample:
     colours = colormap((grid - lo) / (hi - lo))
     over = thumb.astype(np.float32)
     over[on] = (1 - alpha) * over[on] + alpha * colours[on]
+    from openpluto.slide.qc import label_font
+
     h, w = thumb.shape[:2]
-    pad, bar_w, head = 8, 14, 18
-    canvas = Image.new("RGB", (2 * w + 3 * pad + bar_w + 60, h + head + pad), "white")
+    font = label_font(2 * w)
+    fs = getattr(font, "size", 11)
+    pad, bar_w, head = 8, 14, int(fs * 1.5)
+    canvas = Image.new("RGB", (2 * w + 3 * pad + bar_w + int(4 * fs), h + head + pad), "white")
     canvas.paste(Image.fromarray(thumb), (pad, head))
     canvas.paste(Image.fromarray(over.round().astype(np.uint8)), (2 * pad + w, head))
     ramp = colormap(np.linspace(1, 0, max(h, 2)))[:, None, :].repeat(bar_w, axis=1)
     bx = 3 * pad + 2 * w
     canvas.paste(Image.fromarray(ramp), (bx, head))
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 3), title or f"PC1 of {len(values)} tile features", fill="black")
-    draw.text((bx + bar_w + 3, head), f"{hi:.3g}", fill="black")
-    draw.text((bx + bar_w + 3, head + h - 12), f"{lo:.3g}", fill="black")
+    draw.text((pad, 3), title or f"PC1 of {len(values)} tile features", fill="black", font=font)
+    draw.text((bx + bar_w + 3, head), f"{hi:.3g}", fill="black", font=font)
+    draw.text((bx + bar_w + 3, head + h - fs - 2), f"{lo:.3g}", fill="black", font=font)
     path = Path(path)
     with atomic_path(path) as tmp:
         canvas.save(tmp, format="PNG")

@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from openpluto.errors import OpenPlutoError
 from openpluto.eval.config import AbmilConfig, KnnConfig, LinearConfig, RegressionConfig, SegmentationConfig
 from openpluto.eval.results import build_results
 from openpluto.eval.runtime import cpu_threads
+from openpluto.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def run_linear(cfg: LinearConfig, encoder=None) -> dict:
     test = fs.part("test") if "test" in fs.splits else None
     runs = []
     with cpu_threads(1, cfg.device):
-        for i in tqdm(range(cfg.runs), desc="linear probe runs", leave=False):
+        for i in progress(range(cfg.runs), desc="linear probe runs", leave=False):
             runs.append(
                 train_linear_probe(
                     fs.part("train"), fs.part("val"), test, len(fs.classes), cfg.seed + i,
@@ -120,7 +120,7 @@ def run_abmil(cfg: AbmilConfig) -> dict:
     with h5py.File(first, "r") as f:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
     runs = []
-    for i in tqdm(range(cfg.runs), desc="ABMIL runs", leave=False):
+    for i in progress(range(cfg.runs), desc="ABMIL runs", leave=False):
         runs.append(
             train_abmil(
                 bags,
@@ -225,7 +225,7 @@ def run_segmentation(cfg: SegmentationConfig, encoder=None) -> dict:
             torch.from_numpy(p.masks),
         )
     runs = []
-    for i in tqdm(range(cfg.runs), desc="segmentation runs", leave=False):
+    for i in progress(range(cfg.runs), desc="segmentation runs", leave=False):
         runs.append(
             train_segmentation(
                 tensors["train"],

@@ -124,12 +124,11 @@ def token_maps(
     encoder, images: np.ndarray, patch_size: int | None, batch_size: int = 16, device: str = "cpu"
 ) -> torch.Tensor:
     """Frozen patch-token maps ``[N, D, H/p, W/p]`` (float32, CPU) of uint8 images ``[N, H, W, 3]``."""
-    from tqdm import tqdm
-
     from openpluto.embed.images import normalise
+    from openpluto.progress import progress
 
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc="patch tokens", leave=False):
+    for i in progress(range(0, len(images), batch_size), desc="patch tokens", leave=False):
         x = normalise(
             torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2),
             encoder.mean,
@@ -184,9 +183,9 @@ def train_segmentation(
     every = val_every or max(1, -(-n // batch_size))
     best = (-1.0, 0, copy.deepcopy(decoder.state_dict()))
     order, pos = torch.randperm(n, generator=gen), 0
-    from tqdm import tqdm
+    from openpluto.progress import progress
 
-    for step in tqdm(range(1, max_steps + 1), desc=f"decoder (seed {seed})", leave=False, mininterval=2):
+    for step in progress(range(1, max_steps + 1), desc=f"decoder (seed {seed})", leave=False, mininterval=2):
         if pos >= n:
             order, pos = torch.randperm(n, generator=gen), 0
         idx = order[pos : pos + batch_size]

@@ -56,12 +56,12 @@ def plan_todo(
 
 
 def stderr_writer(progress: bool) -> Callable[[str], None]:
-    """A line printer to stderr that does not break a tqdm bar."""
-    from tqdm import tqdm
+    """A line printer to stderr that does not break a progress bar on a terminal."""
+    from openpluto.progress import write
 
     def say(line: str) -> None:
         if progress:
-            tqdm.write(line, file=sys.stderr)
+            write(line)
         else:
             print(line, file=sys.stderr)
 
@@ -84,13 +84,12 @@ def run_slides(
     Returns (id -> value of the slides that succeeded, errors.csv rows of those that failed); every
     failure is printed as one ``error: <path>: <message>`` line, and ``on_fail(id)`` cleans up.
     """
-    from tqdm import tqdm
-
     from openpluto.jobs.isolate import run_isolated
+    from openpluto.progress import progress as progress_bar
 
     values: dict[str, Any] = {}
     errors: list[dict] = []
-    bar = tqdm(total=len(jobs), desc=stage, unit="slide", disable=not progress or not jobs)
+    bar = progress_bar(total=len(jobs), desc=stage, unit="slide", disable=not progress or not jobs)
     for o in run_isolated(fn, jobs, workers=workers, timeout=timeout):
         if o.ok:
             values[o.key] = o.value

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from openpluto.io import atomic_path
 from openpluto.slide.tissue import TissueResult
@@ -14,6 +14,15 @@ from openpluto.slide.tissue import TissueResult
 ARTIFACT_RGB = {"pen": (0, 70, 255), "blur": (255, 210, 0), "fold": (230, 0, 0)}
 TISSUE_RGB = (0, 170, 0)
 TILE_RGBS = [(255, 0, 255), (0, 200, 255), (255, 128, 0), (120, 60, 255), (0, 0, 0), (140, 90, 40)]
+
+
+def label_font(width_px: int) -> ImageFont.ImageFont:
+    """A font for labels on a picture ``width_px`` wide, readable when it is shown at half size."""
+    size = int(min(28, max(14, width_px / 34)))
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one fixed bitmap font
+        return ImageFont.load_default()
 
 
 def _save(img: Image.Image, path: str | os.PathLike) -> None:
@@ -72,16 +81,18 @@ def overlay(
         for x, y in np.asarray(coords)[::step, :2]:
             draw.rectangle([x * f, y * f, (x + size_l0) * f, (y + size_l0) * f], outline=color)
     # Legend strip at the bottom.
-    strip = Image.new("RGB", (img.width, 18 * (len(legend) + (1 if title else 0)) + 6), (255, 255, 255))
+    font = label_font(img.width)
+    row = int(font.size * 1.35) if hasattr(font, "size") else 18
+    strip = Image.new("RGB", (img.width, row * (len(legend) + (1 if title else 0)) + 6), (255, 255, 255))
     d2 = ImageDraw.Draw(strip)
     yy = 3
     if title:
-        d2.text((6, yy), title, fill=(0, 0, 0))
-        yy += 18
+        d2.text((6, yy), title, fill=(0, 0, 0), font=font)
+        yy += row
     for label, color in legend:
-        d2.rectangle([6, yy + 2, 18, yy + 14], fill=color)
-        d2.text((24, yy + 2), label, fill=(0, 0, 0))
-        yy += 18
+        d2.rectangle([6, yy + 2, 6 + row - 6, yy + row - 4], fill=color)
+        d2.text((row + 6, yy + 1), label, fill=(0, 0, 0), font=font)
+        yy += row
     out = Image.new("RGB", (img.width, img.height + strip.height), (255, 255, 255))
     out.paste(img, (0, 0))
     out.paste(strip, (0, img.height))
@@ -93,10 +104,12 @@ def mosaic(tiles: Sequence[np.ndarray], cols: int = 8, cell: int = 128, title: s
     n = max(1, len(tiles))
     cols = max(1, min(cols, n))
     rows = (n + cols - 1) // cols
-    top = 20 if title else 0
-    out = Image.new("RGB", (cols * (cell + 2) + 2, rows * (cell + 2) + 2 + top), (255, 255, 255))
+    width = cols * (cell + 2) + 2
+    font = label_font(width)
+    top = int(font.size * 1.5) if title and hasattr(font, "size") else (20 if title else 0)
+    out = Image.new("RGB", (width, rows * (cell + 2) + 2 + top), (255, 255, 255))
     if title:
-        ImageDraw.Draw(out).text((4, 4), title, fill=(0, 0, 0))
+        ImageDraw.Draw(out).text((4, 4), title, fill=(0, 0, 0), font=font)
     for i, t in enumerate(tiles):
         im = Image.fromarray(np.asarray(t)).resize((cell, cell), Image.Resampling.LANCZOS)
         out.paste(im, (2 + (i % cols) * (cell + 2), top + 2 + (i // cols) * (cell + 2)))

@@ -11,18 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from openpluto.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
-
-__all__ = [
-    "DistInfo",
-    "any_across_ranks",
-    "barrier",
-    "broadcast_module",
-    "cleanup_distributed",
-    "init_distributed",
-    "shard_fsdp2",
-    "wrap_ddp",
-]
+from openpluto.distributed import DistInfo
 
 
 def any_across_ranks(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:

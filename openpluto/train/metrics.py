@@ -123,11 +123,12 @@ def plot_loss_curve(run_dir: str | Path) -> Path | None:
             pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
             if pts:
                 ax.plot(*zip(*pts), label=k, lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_xlabel("step", fontsize=12)
+        ax.set_title(title, fontsize=13)
+        ax.tick_params(labelsize=11)
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=11)  # readable when the figure is shown at page width
     fig.tight_layout()
     out = run_dir / "loss_curve.png"
     with atomic_path(out) as tmp:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from openpluto.config import save_yaml, to_dict
+from openpluto.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from openpluto.errors import OpenPlutoError
 from openpluto.io import clean_stale_temps, write_json_atomic
 from openpluto.train.checkpoint import (
@@ -56,16 +57,7 @@ from openpluto.train.checkpoint import (
 )
 from openpluto.train.config import TrainConfig
 from openpluto.train.data import DataError, StepMasks, _mix, build_loader, find_samples
-from openpluto.train.distributed import (
-    DistInfo,
-    any_across_ranks,
-    barrier,
-    broadcast_module,
-    cleanup_distributed,
-    init_distributed,
-    shard_fsdp2,
-    wrap_ddp,
-)
+from openpluto.train.distributed import any_across_ranks, broadcast_module, shard_fsdp2, wrap_ddp
 from openpluto.train.metrics import MetricsLog, collapse_warning, plot_loss_curve
 from openpluto.train.optim import apply_schedule, build_optimizer, param_groups
 from openpluto.train.patch_sizes import patch_size_for_step
@@ -523,9 +515,10 @@ def _log(cfg: TrainConfig, log: MetricsLog | None, out_dir: Path, step: int, row
 def _progress_bar(cfg: TrainConfig, progress: _Progress, info: DistInfo):
     if not (info.is_main and cfg.log.progress):
         return None
-    from tqdm import tqdm
+    from openpluto.progress import progress as progress_bar
 
-    return tqdm(total=cfg.max_steps, initial=progress.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    return progress_bar(total=cfg.max_steps, initial=progress.step, desc="pretrain", unit="step",
+                        dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint

@@ -4,13 +4,13 @@ import os
 import signal
 import time
 
-from openpluto.slide.batch import run_isolated
+from openpluto.jobs.isolate import run_isolated
 from openpluto.slide.reader import SlideError
 
 
 def _job(kind: str) -> str:
     if kind == "hang":
-        time.sleep(60)
+        time.sleep(600)  # far beyond the timeout: only the timeout can end it in time
     if kind == "crash":
         os.kill(os.getpid(), signal.SIGKILL)  # like a reader segfault, without a core dump
     if kind == "error":
@@ -22,9 +22,9 @@ def _job(kind: str) -> str:
 
 def test_hang_crash_and_errors_do_not_stop_the_batch():
     jobs = [(k, (k,)) for k in ("ok", "hang", "crash", "error", "bug", "fine")]
-    t0 = time.time()
-    out = {o.key: o for o in run_isolated(_job, jobs, workers=2, timeout=3.0)}
-    assert time.time() - t0 < 30
+    # The verdict depends on what happened, not on how fast: a job that returns at once is "ok" well
+    # within 30 s on any machine, and the hanging one can only end as a "timeout".
+    out = {o.key: o for o in run_isolated(_job, jobs, workers=2, timeout=30.0)}
     assert out["ok"].ok and out["ok"].value == "OK" and out["fine"].value == "FINE"
     assert out["hang"].kind == "timeout" and "timed out" in out["hang"].error
     assert out["crash"].kind == "crash" and "crashed" in out["crash"].error

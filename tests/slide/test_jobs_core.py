@@ -241,13 +241,12 @@ def test_sigterm_exits_143_and_the_rerun_finishes(slides, tmp_path):
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not out.exists() and proc.poll() is None and time.time() < deadline:
+    while not out.exists() and proc.poll() is None:
         time.sleep(0.02)  # the out folder exists once the command is running its slides
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=1800)  # a hang guard only
     assert proc.returncode == 143, err
     assert "terminated" in err
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr
     assert len(list((out / "done").glob("*.json"))) == 3 and not list((out / "shards").glob(".partial/*/*"))

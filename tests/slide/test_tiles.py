@@ -19,7 +19,7 @@ from openpluto.demo.synthetic import load_truth
 from openpluto.slide import TilesConfig, open_slide
 from openpluto.slide.tiles import run_tiles
 
-FAST = dict(mpp=(0.5, 1.0), tile_size=(128,), shard_size=40, workers=2, timeout=120)
+FAST = dict(mpp=(0.5, 1.0), tile_size=(128,), shard_size=40, workers=2)
 
 
 def _samples(out: Path) -> dict[str, dict]:
@@ -129,9 +129,8 @@ def test_killed_run_then_rerun_has_no_duplicates_or_partials(synth_cohort, tmp_p
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    t0 = time.time()
-    # Kill once the first slide is done and the second is being written.
-    while time.time() - t0 < 90 and not list((out / "done").glob("*.json")):
+    # Kill once the first slide is done and the second is being written (however long that takes).
+    while proc.poll() is None and not list((out / "done").glob("*.json")):
         time.sleep(0.05)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -25,15 +25,13 @@ def test_cpu_tiny_learns_knn_above_random_init(tmp_path):
             str(tmp_path),
             "--max-steps",
             "300",
-            "--minutes",
-            "15",
         ],
         env=env,
         check=True,
-        timeout=1800,
+        timeout=7200,  # a hang guard only: the work is fixed by the step count
     )
     res = json.loads((tmp_path / "knn.json").read_text())
-    assert res["steps"] >= 250, res  # the run was not cut short by the time limit
+    assert res["steps"] == 300, res
     # 360 held-out tiles; the random-init draws (the trained model's own init among them) span ~0.03.
     assert res["knn_acc_trained_p16"] > res["knn_acc_random_p16"] + 0.05, res
     assert res["knn_acc_trained_p16"] > max(res["knn_acc_random_p16_runs"]) + 0.03, res

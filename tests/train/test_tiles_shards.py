@@ -38,7 +38,7 @@ def one_and_sharded(synth_cohort, tmp_path_factory) -> tuple[Path, Path]:
     procs = [subprocess.Popen([*tiles, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=1800)  # a hang guard only
         assert p.returncode == 0, err[-2000:]
     return one, sharded
 
