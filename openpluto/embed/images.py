@@ -6,8 +6,9 @@ Accepted layouts:
 * ``ROOT/{train,val,test}/<class>/*.png`` — split sub-folders, then class sub-folders;
 * a CSV with columns ``path,label[,split]`` (paths relative to the CSV's folder or absolute).
 
-Preprocessing (eva): resize the shorter side to ``resize`` px (bilinear, antialiased), centre-crop a
-``resize`` x ``resize`` square, scale to 0..1, normalise with the encoder's mean/std.
+Preprocessing (eva): resize the shorter side to ``resize`` px (``RESIZE_INTERPOLATION``: bilinear,
+antialiased, the filter exported timm configs name), centre-crop a ``resize`` x ``resize`` square,
+scale to 0..1, normalise with the encoder's mean/std.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from openpluto.errors import OpenPlutoError
+from openpluto.model.config import RESIZE_INTERPOLATION
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SPLITS = ("train", "val", "test")
@@ -178,6 +180,7 @@ def load_image(path: str, resize: int) -> np.ndarray:
     """RGB uint8 ``[resize, resize, 3]``: shorter side resized to ``resize`` then centre-cropped."""
     from PIL import Image
 
+    resample = getattr(Image.Resampling, RESIZE_INTERPOLATION.upper())  # antialiased when downscaling
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -185,7 +188,7 @@ def load_image(path: str, resize: int) -> np.ndarray:
             s = resize / min(w, h)
             nw, nh = max(resize, round(w * s)), max(resize, round(h * s))
             if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+                im = im.resize((nw, nh), resample, reducing_gap=None)
             left, top = (nw - resize) // 2, (nh - resize) // 2
             im = im.crop((left, top, left + resize, top + resize))
             return np.array(im, dtype=np.uint8)

@@ -62,17 +62,28 @@ class LinearConfig(EmbedSettings):
     runs: int = _f(5, "independent runs (head init and data order differ)")
     seed: int = _f(0, "base seed; run i uses seed + i")
     lr: float = _f(3e-4, "AdamW learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
+    weight_decay: float = _f(0.01, "AdamW weight decay (eva's configs leave torch's default, 0.01)")
     batch_size: int = _f(256, "training batch size")
     max_steps: int = _f(12_500, "maximum optimiser steps")
-    val_every: int = _f(0, "validate every N steps (0: once per pass over the training set, like Lightning)")
-    patience: int = _f(1_250, "stop after this many steps without a better validation balanced accuracy")
+    val_every: int = _f(0, "validate every N steps (0: once per epoch = pass over the training set, as eva)")
+    patience: int | None = _f(
+        None, "stop after this many validations (epochs) without a better score (default: 20%% of the "
+        "maximum epochs, as eva)"
+    )
+    warmup_epochs: int = _f(5, "epochs at the lower warm-up lr (eva: torch ConstantLR, 5 epochs)")
+    warmup_factor: float = _f(1 / 3, "lr multiplier during warm-up (eva: torch ConstantLR, 1/3)")
+    smooth: int = _f(
+        5, "pick the checkpoint and stop early on the mean validation balanced accuracy of the last N "
+        "validations (1: eva's rule; more keeps one lucky epoch on a small validation set from winning)"
+    )
     out: str = _f("results/linear.json", "results JSON")
     task: str | None = _f(None, "task name for the table (default: data folder name)")
 
     def validate(self) -> None:
         super().validate()
-        _positive(self, "runs", "lr", "batch_size", "max_steps", "patience")
+        _positive(self, "runs", "lr", "batch_size", "max_steps", "patience", "smooth")
+        if self.warmup_epochs < 0 or not 0 < self.warmup_factor <= 1:
+            raise ConfigError("config keys 'warmup_epochs' must be >= 0 and 'warmup_factor' in (0, 1]")
 
 
 @dataclass

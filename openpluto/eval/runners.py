@@ -28,7 +28,7 @@ def _task_name(task: str | None, source: str | None) -> str:
 def run_linear(cfg: LinearConfig, encoder=None) -> dict:
     """eva linear probe, ``cfg.runs`` runs with seeds ``cfg.seed + i``."""
     from openpluto.eval.data import image_features
-    from openpluto.eval.linear import train_linear_probe
+    from openpluto.eval.linear import linear_probe_settings, train_linear_probe
 
     t0 = time.perf_counter()
     fs = image_features(cfg, encoder)
@@ -38,18 +38,8 @@ def run_linear(cfg: LinearConfig, encoder=None) -> dict:
         for i in progress(range(cfg.runs), desc="linear probe runs", leave=False):
             runs.append(
                 train_linear_probe(
-                    fs.part("train"),
-                    fs.part("val"),
-                    test,
-                    len(fs.classes),
-                    cfg.seed + i,
-                    cfg.lr,
-                    cfg.weight_decay,
-                    cfg.batch_size,
-                    cfg.max_steps,
-                    cfg.val_every,
-                    cfg.patience,
-                    cfg.device,
+                    fs.part("train"), fs.part("val"), test, len(fs.classes), cfg.seed + i,
+                    **linear_probe_settings(cfg), device=cfg.device,
                 )
             )
     data = {**fs.info, "evaluated_on": fs.eval_split()}

@@ -17,6 +17,10 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How openpluto resizes images for an encoder at inference (`embed-images`, `eval`; slide tiles are read
+# with the same filter): antialiased bilinear, as eva's ResizeAndCrop (torchvision's default). Exported
+# timm configs state it, so timm/eva pipelines built from them resize the same way.
+RESIZE_INTERPOLATION = "bilinear"
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 
 from openpluto.errors import OpenPlutoError
 from openpluto.io import atomic_path, write_json_atomic, write_text_atomic
-from openpluto.model.config import ModelConfig
+from openpluto.model.config import RESIZE_INTERPOLATION, ModelConfig
 from openpluto.model.hub import load_pretrained, load_state_dict_file, load_state_dict_strict
 from openpluto.model.vit import PlutoViT
 
@@ -185,7 +185,7 @@ def export_timm(
             "pretrained_cfg": {
                 "input_size": [3, cfg.img_size, cfg.img_size],
                 "fixed_input_size": False,
-                "interpolation": "bicubic",
+                "interpolation": RESIZE_INTERPOLATION,
                 "crop_pct": 1.0,
                 "mean": list(cfg.mean),
                 "std": list(cfg.std),

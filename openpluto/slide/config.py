@@ -78,8 +78,19 @@ class TilesConfig:
         default=False, metadata={"help": "redo slides already tiled (also with other settings)"}
     )
     qc: bool = field(default=True, metadata={"help": "write QC overlay, mask PNG, GeoJSON and mosaics"})
+    modality: str = field(
+        default="brightfield",
+        metadata={"help": "slides to tile: brightfield (H&E and IHC), he, ihc, fluorescence or any; the "
+                  "others are left out with a notice"},
+    )
 
     def validate(self) -> None:
+        from openpluto.slide.tissue import MODALITY_CHOICES
+
+        if self.modality not in MODALITY_CHOICES:
+            raise ConfigError(
+                f"config key 'modality' must be one of {', '.join(MODALITY_CHOICES)}, got {self.modality!r}"
+            )
         if not self.mpp or any(m <= 0 for m in self.mpp):
             raise ConfigError(f"config key 'mpp' must be positive numbers, got {self.mpp}")
         if not self.tile_size or any(s < 8 for s in self.tile_size):

@@ -52,9 +52,10 @@ MANIFEST_COLUMNS = (
     "size_l0",
     "level",
     "tissue_fraction",
+    "modality",
 )
 # TilesConfig fields that do not change the tiles (how the run goes, not what it makes).
-RUN_FIELDS = ("workers", "timeout", "qc", "mpp_override", "shard", "overwrite")
+RUN_FIELDS = ("workers", "timeout", "qc", "mpp_override", "shard", "overwrite", "modality")
 
 
 def tiles_settings(cfg: TilesConfig, tissue_cfg: TissueConfig, mpp_override: float | None) -> dict:
@@ -149,6 +150,11 @@ def plan_tiles(slide, result, cfg: TilesConfig, slide_id: str) -> tuple[list[tup
     return sets, warnings
 
 
+def _modality(result) -> dict:
+    """What a slide's outputs record about its modality (see ``openpluto.slide.tissue``)."""
+    return {"modality": result.modality, "stain": result.stain, "dab_fraction": result.dab_fraction}
+
+
 def _tile_meta(
     slide, path: str, slide_id: str, mpp: float, size: int, level: int, x: int, y: int, frac: float
 ) -> dict:
@@ -168,12 +174,13 @@ def _tile_meta(
 
 
 def _write_tiles(
-    slide, path: str, slide_id: str, sets: list[tuple], cfg: TilesConfig, partial: Path
+    slide, path: str, slide_id: str, sets: list[tuple], cfg: TilesConfig, partial: Path, modality: dict
 ) -> list[dict]:
     """Read and JPEG-encode every planned tile into ``partial`` shards; return the manifest rows.
 
     Tiles are read by the throughput reader (``fastread.TileReader``: runs of neighbours read once,
-    raw JPEG tiles with DCT scaling), 64 at a time.
+    raw JPEG tiles with DCT scaling), 64 at a time. ``modality`` (:func:`_modality`) goes into every
+    tile's json; the manifest gets one word of it.
     """
     from openpluto.slide.fastread import TileReader
 
@@ -188,7 +195,8 @@ def _write_tiles(
                     x, y = int(x), int(y)
                     img = Image.fromarray(tile)
                     key = tile_key(slide_id, mpp, size, x, y)
-                    meta = _tile_meta(slide, path, slide_id, mpp, size, level, x, y, frac)
+                    meta = {**_tile_meta(slide, path, slide_id, mpp, size, level, x, y, frac),
+                            "modality": modality["modality"], "stain": modality["stain"]}
                     jpg = _jpeg(img, cfg.jpeg_quality)
                     writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
                     shard = Path(writer.fname).name
@@ -200,6 +208,7 @@ def _write_tiles(
                             "tile_size": size,
                             "size_l0": meta["size_l0"],
                             "tissue_fraction": meta["tissue_fraction"],
+                            "modality": modality["stain"] or modality["modality"],  # he, ihc, fluorescence
                         }
                     )
     finally:
@@ -225,8 +234,10 @@ def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
     with open_slide(path, mpp_override=job.mpp_override) as slide:
         result = detect_tissue(slide, tcfg)
         t_mask = time.time() - t0
+        if not result.matches_modality(cfg.modality):  # no done record: a rerun may ask for it
+            return {**job.record(), "status": "left_out", **_modality(result)}
         sets, warnings = plan_tiles(slide, result, cfg, slide_id)
-        rows = _write_tiles(slide, path, slide_id, sets, cfg, partial)
+        rows = _write_tiles(slide, path, slide_id, sets, cfg, partial, _modality(result))
         counts = {f"{m:g}um_{s}px": len(c) for m, s, _, c in sets}
         record = {
             **job.record(),
@@ -243,6 +254,7 @@ def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
             "usable_mm2": result.area_mm2(result.usable),
             "artifact_mm2": {k: result.area_mm2(v) for k, v in result.artifacts.items()},
             "dark_background": result.dark_background,
+            **_modality(result),
             "warnings": warnings,
             "mask_seconds": round(t_mask, 3),
         }
@@ -348,15 +360,30 @@ def run_tiles(
         say(n)
     jobs = [(j.slide_id, (j, str(out), to_dict(cfg), to_dict(tissue_cfg))) for j in todo.jobs()]
     paths = {r.id: r.path for r in cohort.mine}
-    _, errors = run_slides(
+    values, errors = run_slides(
         "tiles", tile_slide, jobs, paths, cfg.workers, cfg.timeout, progress, say,
         on_fail=lambda i: _forget_slide(out, i),  # no partial shards left by a failed or killed worker
     )
-    return finalize(out, cohort, errors, todo.already, cfg, seconds=time.time() - t0)
+    left_out = [
+        {"slide": i, "path": str(paths[i]), "modality": v["modality"], "stain": v["stain"],
+         "dab_fraction": v["dab_fraction"]}
+        for i, v in values.items() if v.get("status") == "left_out"
+    ]
+    if left_out:
+        kinds = ", ".join(f"{r['slide']} ({r['stain'] or r['modality']})" for r in left_out)
+        say(f"tiles: left out {len(left_out)} slide(s) that are not {cfg.modality}: {kinds}; "
+            "--modality any tiles every slide")
+    return finalize(out, cohort, errors, todo.already, cfg, seconds=time.time() - t0, left_out=left_out)
 
 
 def finalize(
-    out: Path, cohort, errors: list[dict], skipped: Sequence[str], cfg: TilesConfig, seconds: float
+    out: Path,
+    cohort,
+    errors: list[dict],
+    skipped: Sequence[str],
+    cfg: TilesConfig,
+    seconds: float,
+    left_out: Sequence[dict] = (),
 ) -> dict:
     """Write this shard's manifest, errors and summary (``manifest.part-I-of-N.csv``, ... with --shard)."""
     from openpluto.jobs.outputs import error_row, write_errors_csv
@@ -395,6 +422,7 @@ def finalize(
         "slides_ok": sum(1 for i in mine if i in records),
         "slides_failed": len(errors) + cohort.skipped_failures,
         "slides_skipped_already_done": len(skipped),
+        "slides_left_out_modality": list(left_out),
         "tiles_total": len(rows),
         "tiles_per_set": per_set,
         "seconds": round(seconds, 2),
@@ -450,6 +478,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {k:>14}: {v}")
     for f in summary["failed"]:
         lines.append(f"  failed {f['slide']}: {f['error']}")
+    for r in summary.get("slides_left_out_modality", []):
+        lines.append(f"  left out {r['slide']}: {r['stain'] or r['modality']} (--modality)")
     return "\n".join(lines)
 
 

@@ -4,6 +4,10 @@ Bright-field slides: optical density relative to the estimated background (Otsu,
 so that faint tissue and mostly-tissue slides both work) or colour saturation. Dark-background
 (fluorescence) slides are detected from the border and thresholded on smoothed signal instead,
 because Otsu on saturation marks the whole slide as tissue there.
+
+Each slide's modality is recorded: ``fluorescence`` (dark background) or ``brightfield``, and for
+bright-field slides the stain, ``ihc`` when a share of the stained tissue is DAB brown, else ``he``
+(a DAB-negative IHC slide, haematoxylin only, is indistinguishable from H&E here).
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from openpluto.slide.artifacts import detect_artifacts, smooth
 from openpluto.slide.config import TissueConfig
 from openpluto.slide.reader import Slide
 
+# Bright-field slides with at least this DAB-brown share of stained tissue are IHC (H&E sets: <= 0.03).
+IHC_MIN_DAB_FRACTION = 0.10
+# What `tiles --modality` accepts: a modality, a bright-field stain, or any.
+MODALITY_CHOICES = ("brightfield", "he", "ihc", "fluorescence", "any")
+
 # µm/px assumed for level 0 when a slide has no mpp (only used to size morphology on such slides).
 _ASSUMED_MPP = 0.5
 
@@ -29,7 +38,9 @@ class TissueResult:
 
     ``thumbnail`` RGB uint8 [h, w, 3]; ``downsample``: level-0 px per mask px; ``tissue``,
     ``usable`` and each ``artifacts[name]`` (pen, blur, fold): bool [h, w]; ``mask_mpp``: µm per
-    mask px (None if the slide has no mpp); ``dark_background``: fluorescence-like slide.
+    mask px (None if the slide has no mpp); ``dark_background``: fluorescence-like slide;
+    ``stain``: ``he`` or ``ihc`` for bright-field slides (None for fluorescence) and ``dab_fraction``,
+    the DAB-brown share of the stained tissue pixels it was decided by.
     """
 
     thumbnail: np.ndarray
@@ -39,6 +50,17 @@ class TissueResult:
     usable: np.ndarray
     mask_mpp: float | None = None
     dark_background: bool = False
+    stain: str | None = None
+    dab_fraction: float | None = None
+
+    @property
+    def modality(self) -> str:
+        """``fluorescence`` (dark background) or ``brightfield``."""
+        return "fluorescence" if self.dark_background else "brightfield"
+
+    def matches_modality(self, wanted: str) -> bool:
+        """Whether this slide is of ``wanted``: one of :data:`MODALITY_CHOICES`."""
+        return wanted == "any" or wanted in (self.modality, self.stain)
 
     def _integral(self) -> np.ndarray:
         ii = getattr(self, "_ii", None)
@@ -112,6 +134,27 @@ def is_dark_background(rgb: np.ndarray) -> bool:
     return float(np.median(frame.max(axis=1))) < 80.0
 
 
+def dab_fraction(rgb: np.ndarray, tissue: np.ndarray, max_pixels: int = 200_000) -> float:
+    """Share of the stained tissue pixels (saturation > 0.12) whose hue is DAB brown (15°-60°).
+
+    H&E tissue is pink to purple (hue 200°-15°, through magenta): the LC25000, CRC and Kather H&E sets
+    and the H&E test slides give 0.00-0.03, while DAB-positive IHC tissue is brown where the antigen
+    is. At most ``max_pixels`` tissue pixels are looked at (an even subsample).
+    """
+    px = rgb[tissue]
+    if len(px) > max_pixels:
+        px = px[:: -(-len(px) // max_pixels)]
+    px = px.astype(np.float32)
+    mx, mn = px.max(1), px.min(1)
+    sat = (mx - mn) / np.maximum(mx, 1.0)
+    stained = px[sat > 0.12]
+    if len(stained) == 0:
+        return 0.0
+    r, g, b = stained[:, 0], stained[:, 1], stained[:, 2]
+    hue = np.degrees(np.arctan2(np.sqrt(3.0) * (g - b), 2 * r - g - b)) % 360.0  # hexcone hue, approx.
+    return float(np.mean((hue >= 15.0) & (hue <= 60.0)))
+
+
 def optical_density(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel optical density relative to the bright background: (od [h,w,3], background RGB)."""
     flat = rgb.reshape(-1, 3).astype(np.float32)
@@ -182,6 +225,8 @@ def detect_tissue_rgb(
     for m in artifacts.values():
         bad |= m
     usable = tissue & ~bad
+    dab = None if dark else dab_fraction(rgb, tissue)
+    stain = None if dab is None else ("ihc" if dab >= IHC_MIN_DAB_FRACTION else "he")
     return TissueResult(
         thumbnail=rgb,
         downsample=float(downsample),
@@ -190,6 +235,8 @@ def detect_tissue_rgb(
         usable=usable,
         mask_mpp=mask_mpp,
         dark_background=dark,
+        stain=stain,
+        dab_fraction=dab,
     )
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from openpluto.eval.abmil import GatedABMIL, pad_bags, train_abmil
+from openpluto.eval.config import LinearConfig
 from openpluto.eval.knn import knn_predict
-from openpluto.eval.linear import train_linear_probe
+from openpluto.eval.linear import ValidationMonitor, default_patience, train_linear_probe
 from openpluto.eval.metrics import balanced_accuracy
 from openpluto.eval.regression import ridge_fold
 from openpluto.eval.segmentation import ConvDecoderWithImage, dice_loss, train_segmentation
@@ -50,6 +51,43 @@ def test_linear_probe_early_stops():
     tr, va, te = split3(x, y)
     res = train_linear_probe(tr, va, te, 2, seed=0, max_steps=5000, patience=20, batch_size=32, lr=1e-2)
     assert res["steps"] < 5000 and res["steps"] - res["best_step"] >= 20
+
+
+def test_linear_probe_eva_defaults_binary_logit_and_patience_in_epochs():
+    x, y = blobs(60, 2, 8, sep=3.0, seed=3)
+    tr, va, te = split3(x, y)
+    res = train_linear_probe(tr, va, te, 2, seed=0, max_steps=600, lr=1e-2)
+    assert res["logits"] == 1 and res["balanced_accuracy"] > 0.9  # one logit + BCE for two classes
+    assert train_linear_probe(*blobs_split(3, 5), 3, seed=0, max_steps=50)["logits"] == 3
+    # eva: patience is 20% of the maximum epochs (12,500 steps at 2 steps per epoch -> 1,250 epochs)
+    assert default_patience(12_500, 2) == 1_250 and default_patience(10, 1) == 2
+    d = LinearConfig()
+    assert (d.weight_decay, d.warmup_epochs, d.warmup_factor, d.patience) == (0.01, 5, 1 / 3, None)
+
+
+def blobs_split(n_classes, seed):
+    x, y = blobs(30, n_classes, 8, sep=3.0, seed=seed)
+    return split3(x, y)
+
+
+def test_linear_probe_warmup_scales_the_lr():
+    tr, va, te = blobs_split(4, 4)
+    kw = dict(max_steps=40, batch_size=32, lr=1e-2, val_every=40)  # 40 steps, all inside the warm-up
+    learned = train_linear_probe(tr, va, te, 4, seed=0, warmup_epochs=100, warmup_factor=1.0, **kw)
+    frozen = train_linear_probe(tr, va, te, 4, seed=0, warmup_epochs=100, warmup_factor=1e-6, **kw)
+    assert learned["balanced_accuracy"] > 0.9 and frozen["balanced_accuracy"] < 0.6
+
+
+def test_validation_monitor_smoothing_ignores_an_early_spike():
+    scores = [0.9, 0.5, 0.6, 0.7, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8, 0.8]
+    eva = ValidationMonitor(smooth=1, patience=10)
+    picked = [i for i, s in enumerate(scores) if eva.update(s)[0]]
+    assert picked == [0]  # the spike at the first epoch wins and is never beaten
+    smooth = ValidationMonitor(smooth=3, patience=10)
+    picked = [i for i, s in enumerate(scores) if smooth.update(s)[0]]
+    assert picked[-1] == 6 and 0 not in picked  # mean of 3 epochs: the plateau wins
+    stops = ValidationMonitor(smooth=1, patience=3)
+    assert [stops.update(s)[1] for s in (0.5, 0.4, 0.4, 0.4)] == [False, False, False, True]
 
 
 def test_knn_weighted_votes_hand_case():

@@ -96,3 +96,27 @@ def test_import_from_dinov3_style_eva_roundtrip(micro, tmp_path):
     assert model.cfg.pos_embed == "rope" and model.cfg.num_registers == 2
     _assert_parity(model, tm, 16)
     assert model.forward_features(torch.randn(1, 3, 64, 64), 32)["grid"] == (2, 2)
+
+
+def test_exported_timm_config_resizes_as_openpluto(micro, tmp_path):
+    """A timm pipeline built from the exported config preprocesses a tile exactly as `embed-images`."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from openpluto.embed.images import load_image, normalise
+
+    out = export_timm(micro, 16, tmp_path / "t")
+    tm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data_cfg = resolve_data_config({}, model=tm)
+    assert data_cfg["interpolation"] == "bilinear" and data_cfg["crop_pct"] == 1.0
+    rng = np.random.default_rng(0)
+    tile = Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8))  # non-square, downscaled
+    tile.save(tmp_path / "tile.png")
+    ours = normalise(torch.from_numpy(load_image(str(tmp_path / "tile.png"), 224)).permute(2, 0, 1)[None],
+                     micro.cfg.mean, micro.cfg.std)
+    theirs = create_transform(**data_cfg)(tile)[None]
+    assert ours.shape == theirs.shape == (1, 3, 224, 224)
+    assert (ours - theirs).abs().max() < 1e-5
+    bicubic = create_transform(**{**data_cfg, "interpolation": "bicubic"})(tile)[None]
+    assert (ours - bicubic).abs().mean() > 0.05  # the filter is what would differ

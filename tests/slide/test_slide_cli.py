@@ -23,10 +23,14 @@ def test_tiles_over_the_real_folder(wsi_dir, tmp_path, capsys):
     for r in errors.values():  # one line that names the file once
         assert "\n" not in r["error"] and r["error"].count(r["path"].split("/")[-1]) == 1, r["error"]
     done = {p.stem for p in (out / "done").glob("*.json")}
-    assert done == {"CMU-1-Small-Region", "test3-DAPI-2-387"}
+    assert done == {"CMU-1-Small-Region"}  # the fluorescence NDPI is left out (bright-field only)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["slide"] for r in summary["slides_left_out_modality"]] == ["test3-DAPI-2-387"]
+    assert "left out 1 slide(s) that are not brightfield" in capsys.readouterr().err
+    assert main(["tiles", str(wsi_dir / "test3-DAPI-2-387.ndpi"), "--out", str(out), *FAST,
+                 "--modality", "fluorescence"]) == 0
     ndpi = json.loads((out / "done" / "test3-DAPI-2-387.json").read_text())
-    assert ndpi["levels"] == {"1": 2, "2": 3} and ndpi["n_tiles"] == 8
-    assert "failed" in capsys.readouterr().out
+    assert ndpi["levels"] == {"1": 2, "2": 3} and ndpi["n_tiles"] == 8 and ndpi["modality"] == "fluorescence"
 
 
 def test_tcga_with_override_and_ndpi_all_four_mpps(wsi_dir, tmp_path):
@@ -49,6 +53,8 @@ def test_tcga_with_override_and_ndpi_all_four_mpps(wsi_dir, tmp_path):
         "--mpp-override",
         "0.5",
         "--no-qc",
+        "--modality",
+        "any",
     ]
     assert main(args) == 0
     tcga = json.loads((out / "done" / "tcga-cr-7395-01a-01-ts1.json").read_text())

@@ -145,3 +145,53 @@ def test_killed_run_then_rerun_has_no_duplicates_or_partials(synth_cohort, tmp_p
     rows = list(csv.DictReader(Path(out / "manifest.csv").read_text().splitlines()))
     assert keys == ref_keys and len(rows) == len(keys) == len({r["key"] for r in rows})
     assert not list((out / "shards").glob(".partial/*/*"))
+
+
+def _fluorescence_copy(src: Path, dst: Path) -> Path:
+    """A DAPI-like copy of a synthetic slide: dark glass, nuclei signal in the blue channel."""
+    from openpluto.demo.synthetic import _write_pyramid
+
+    with open_slide(src) as s:
+        rgb = s.read_level(0, 0, 0, *s.dimensions)
+        mpp = s.mpp
+    dapi = np.zeros_like(rgb)
+    dapi[..., 2] = 255 - rgb.mean(2).astype(np.uint8)
+    _write_pyramid(dst, dapi, mpp, "deflate", 256)
+    return dst
+
+
+def test_tiles_leave_out_non_brightfield_slides(synth_cohort, tmp_path, capsys):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "he.tiff").symlink_to(synth_cohort[0])
+    _fluorescence_copy(synth_cohort[0], slides / "dapi.tiff")
+    cfg = dict(mpp=(1.0,), tile_size=(128,), workers=1, timeout=120, qc=False)
+    out = tmp_path / "default"
+    summary = run_tiles([slides], out, TilesConfig(**cfg), progress=False)
+    assert "left out 1 slide(s) that are not brightfield: dapi (fluorescence)" in capsys.readouterr().err
+    assert summary["slides_ok"] == 1 and summary["slides_failed"] == 0
+    assert [r["slide"] for r in summary["slides_left_out_modality"]] == ["dapi"]
+    assert not (out / "done" / "dapi.json").exists() and not list((out / "shards").glob("dapi-*"))
+    assert json.loads((out / "done" / "he.json").read_text())["stain"] == "he"
+    rows = list(csv.DictReader((out / "manifest.csv").read_text().splitlines()))
+    assert rows and {r["modality"] for r in rows} == {"he"}
+    meta = next(iter(_samples(out).values()))["json"]
+    assert (meta["modality"], meta["stain"]) == ("brightfield", "he")
+    # Asked for, the fluorescence slide is tiled, and recorded as such.
+    out = tmp_path / "any"
+    summary = run_tiles([slides], out, TilesConfig(**cfg, modality="any"), progress=False)
+    assert summary["slides_ok"] == 2 and not summary["slides_left_out_modality"]
+    rows = csv.DictReader((out / "manifest.csv").read_text().splitlines())
+    by_slide = {r["slide"]: r["modality"] for r in rows}
+    assert by_slide == {"he": "he", "dapi": "fluorescence"}
+    with pytest.raises(Exception, match="modality"):
+        TilesConfig(modality="brightfeld").validate()
+
+
+def test_tiles_real_fluorescence_left_out(wsi_dir, tmp_path, capsys):
+    cfg = TilesConfig(mpp=(2.0,), tile_size=(128,), workers=1, timeout=300, qc=False)
+    slides = [wsi_dir / "test3-DAPI-2-387.ndpi", wsi_dir / "CMU-1-Small-Region.svs"]
+    summary = run_tiles(slides, tmp_path, cfg, progress=False)
+    assert "test3-DAPI-2-387 (fluorescence)" in capsys.readouterr().err
+    assert summary["slides_ok"] == 1 and summary["tiles_total"] > 0
+    assert [r["modality"] for r in summary["slides_left_out_modality"]] == ["fluorescence"]

@@ -116,3 +116,46 @@ def test_geojson_polygons(synth_result):
                 area += a if k == 0 else -a
     mask_area = r.tissue.sum() * r.downsample**2
     assert abs(area - mask_area) / mask_area < 0.05
+
+
+# ------------------------------------------------------------------------------------------- modality
+
+
+def _ihc_like(rgb: np.ndarray, share: float) -> np.ndarray:
+    """Recolour an H&E-like thumbnail as IHC: haematoxylin blue, the top ``share`` of stained pixels
+    (by optical density) DAB brown, background kept."""
+    x = rgb.astype(np.float32)
+    od = -np.log((x + 1) / 256).sum(2)
+    tissue = od > 0.3
+    out = x.copy()
+    out[tissue] = (95, 105, 170)
+    brown = tissue & (od >= np.quantile(od[tissue], 1 - share))
+    out[brown] = (140, 95, 55)
+    return out.astype(np.uint8)
+
+
+def test_modality_synthetic_he_ihc_and_fluorescence(synth_result):
+    r, _ = synth_result
+    assert (r.modality, r.stain) == ("brightfield", "he") and r.dab_fraction < 0.03
+    assert r.matches_modality("brightfield") and r.matches_modality("he") and not r.matches_modality("ihc")
+    ihc = detect_tissue_rgb(_ihc_like(r.thumbnail, 0.3), r.downsample, 2.0)
+    assert (ihc.modality, ihc.stain) == ("brightfield", "ihc") and ihc.dab_fraction > 0.2
+    assert ihc.matches_modality("brightfield") and ihc.matches_modality("ihc")
+    assert not ihc.matches_modality("he")
+    dark = detect_tissue_rgb(255 - r.thumbnail, r.downsample, 2.0)
+    assert (dark.modality, dark.stain) == ("fluorescence", None)
+    assert dark.matches_modality("fluorescence") and dark.matches_modality("any")
+    assert not dark.matches_modality("brightfield")
+
+
+def test_modality_real_slides_and_he_patches(wsi_dir, patches_dir):
+    with open_slide(wsi_dir / "test3-DAPI-2-387.ndpi") as s:
+        assert detect_tissue(s).modality == "fluorescence"
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as s:
+        r = detect_tissue(s)
+    assert (r.modality, r.stain) == ("brightfield", "he")
+    # 450 real H&E tiles side by side as one "slide": H&E, far from the IHC threshold.
+    tiles = sorted((patches_dir / "lc25000_lung_dev").glob("*/*.jpeg"))
+    grid = np.concatenate([np.asarray(Image.open(p).convert("RGB").reduce(4)) for p in tiles], 1)
+    r = detect_tissue_rgb(grid, 1.0, 2.0)
+    assert r.stain == "he" and r.dab_fraction < 0.05

@@ -19,6 +19,7 @@ TINY = [
     "ssl.heads.out_dim=64",
     "ssl.heads.hidden_dim=32",
     "ssl.heads.bottleneck_dim=16",
+    "patch_sizes=[8,16,32]",  # three patch sizes, whatever cpu-tiny draws
     "patch_size_probs=null",
     "data.batch_size=2",
     "data.num_workers=0",
