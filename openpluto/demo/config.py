@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from openpluto.errors import ConfigError
 
 PRESET = "cpu-tiny"
-DEFAULT_STEPS = 400  # about 10 minutes for the whole demo on 2 quiet CPU cores
+DEFAULT_STEPS = 1000  # about 5 minutes for the whole demo on 2 quiet CPU cores (9 CPU-minutes)
 
 
 @dataclass
