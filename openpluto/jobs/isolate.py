@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import time
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from openpluto.errors import OpenPlutoError
+from openpluto.errors import OpenPlutoError, exception_line
 
 
 @dataclasses.dataclass
@@ -35,9 +34,7 @@ def _child(conn, fn: Callable, args: tuple) -> None:
     except OpenPlutoError as e:
         conn.send(("error", str(e)))
     except BaseException as e:  # noqa: BLE001 - report anything, one line
-        last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-        where = f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})" if last else ""
-        conn.send(("error", f"{type(e).__name__}: {' '.join(str(e).split())}{where}"))
+        conn.send(("error", exception_line(e)))
     finally:
         conn.close()
 

@@ -21,7 +21,6 @@ import contextlib
 import multiprocessing as mp
 import signal
 import time
-import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from openpluto.errors import OpenPlutoError
+from openpluto.errors import OpenPlutoError, exception_line
 from openpluto.slide.fastread import ReaderStats, TileReader
 
 # ----------------------------------------------------------------------------- public types
@@ -126,9 +125,7 @@ def one_line_error(e: BaseException, path: str) -> str:
     if isinstance(e, OpenPlutoError):
         msg = " ".join(str(e).split())
         return msg if path in msg else f"{path}: {msg}"
-    last = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-    where = f" (at {last.filename.rsplit('/', 1)[-1]}:{last.lineno})" if last else ""
-    return f"{path}: {type(e).__name__}: {' '.join(str(e).split())}{where}"
+    return f"{path}: {exception_line(e)}"
 
 
 class _Readers:
