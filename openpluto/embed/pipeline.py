@@ -20,34 +20,13 @@ from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather
 from openpluto.embed.cohort import EmbedSummary, record_attrs, select_slides, todo_slides, write_parts
 from openpluto.embed.config import EmbedConfig
 from openpluto.embed.embedder import TileEmbedder
-from openpluto.embed.slides import (  # noqa: F401 - the per-slide side, re-exported
-    SlidePlan,
-    SlideTodo,
-    embed_slides,
-    plan_slide,
-    read_level,
-    slide_attrs,
-)
+from openpluto.embed.slides import SlideTodo, embed_slides
 from openpluto.embed.writer import clean_slide_temps
-from openpluto.errors import ConfigError, OpenPlutoError
+from openpluto.errors import ConfigError
 from openpluto.io import write_json_atomic
 from openpluto.progress import progress as progress_bar
 
 # ----------------------------------------------------------------------------- cohort
-
-
-def one_line(exc: BaseException) -> str:
-    """A one-line message for errors.csv (DataLoader worker errors carry a whole traceback)."""
-    text = str(exc).strip() or type(exc).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    msg = lines[-1] if lines else text
-    if isinstance(exc, OpenPlutoError) and len(lines) > 1:  # "pkg.mod.SlideError: msg" from a worker
-        head, _, rest = msg.partition(": ")
-        if rest and head.rsplit(".", 1)[-1] == type(exc).__name__:
-            msg = rest
-    if not isinstance(exc, OpenPlutoError) and not msg.startswith(type(exc).__name__):
-        msg = f"{type(exc).__name__}: {msg}"
-    return msg
 
 
 def resolve_device(spec: str, info: DistInfo) -> torch.device:

@@ -27,7 +27,7 @@ import torch
 
 from openpluto import __version__
 from openpluto.embed.config import EmbedConfig
-from openpluto.embed.embedder import BatchPacker, PendingEmbedding, TileEmbedder, Timings  # noqa: F401
+from openpluto.embed.embedder import BatchPacker, PendingEmbedding, TileEmbedder, Timings
 from openpluto.embed.writer import open_slide_h5
 from openpluto.errors import OpenPlutoError
 from openpluto.progress import progress as progress_bar
@@ -224,6 +224,20 @@ def _reader_jobs(todo: list[SlideTodo], cfg: EmbedConfig) -> list:
             for t in todo]
 
 
+def one_line(exc: BaseException) -> str:
+    """A one-line message for errors.csv (DataLoader worker errors carry a whole traceback)."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = lines[-1] if lines else text
+    if isinstance(exc, OpenPlutoError) and len(lines) > 1:  # "pkg.mod.SlideError: msg" from a worker
+        head, _, rest = msg.partition(": ")
+        if rest and head.rsplit(".", 1)[-1] == type(exc).__name__:
+            msg = rest
+    if not isinstance(exc, OpenPlutoError) and not msg.startswith(type(exc).__name__):
+        msg = f"{type(exc).__name__}: {msg}"
+    return msg
+
+
 def embed_slides(todo: list[SlideTodo], cfg: EmbedConfig, embedder: TileEmbedder, patch_size: int,
                  dtype: str, progress: bool = True, timings: Timings | None = None,
                  reader_stats: Any = None) -> Iterator[SlideResult]:
@@ -234,7 +248,6 @@ def embed_slides(todo: list[SlideTodo], cfg: EmbedConfig, embedder: TileEmbedder
     ``timings`` (main-process stages) and ``reader_stats`` (a ``StreamStats``, worker side) are
     added to when given.
     """
-    from openpluto.embed.pipeline import one_line
     from openpluto.slide.stream import SlideDone, SlideFailed, SlidePlanned, SlideTiles, TileStream
 
     if not todo:

@@ -60,7 +60,7 @@ def test_worker_read_error_becomes_one_line(wsi_dir):
     import pytest
 
     from openpluto.embed import SlideTileDataset, tile_loader
-    from openpluto.embed.pipeline import one_line
+    from openpluto.embed.slides import one_line
     from openpluto.errors import OpenPlutoError
 
     bad = wsi_dir / "corrupt" / "unreadable.svs"  # opens, but its JPEG tile is corrupt
