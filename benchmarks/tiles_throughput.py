@@ -1,11 +1,17 @@
-"""Tile throughput of openpluto's reader vs raw OpenSlide, tissue-mask time, and peak memory vs slide size.
+"""Tile throughput of `openpluto tiles` vs raw OpenSlide, tissue-mask time, and peak memory vs slide size.
 
-For each slide and target µm/px, the same tiles (275 px, on the usable-tissue grid) are read
-  raw:      openslide.OpenSlide.read_region of the level region openpluto reads (no resize, RGBA),
-  read:     openpluto Slide.read (level choice + antialiased resize to the exact target),
-  pipeline: Slide.read + JPEG encode + tar shard write (what `openpluto tiles` does per tile),
-each with its own OpenSlide handle after a warm-up pass (so the OS file cache is warm for all).
-Peak memory: `tile_slide` run in a fresh process per slide size (ru_maxrss of that process).
+For each slide and target µm/px, the tiles `openpluto tiles` would take (275 px, usable-tissue grid,
+``--tiles`` sampled per target as ``--tiles-per-slide`` does, in its order) are read
+  raw:        openslide.OpenSlide.read_region of the level region each tile needs (no resize, RGBA),
+              one call per tile: the reference;
+  tilereader: what `tiles` reads with, ``tiles.read_tile_set`` (fastread.TileReader opened per target,
+              64 corners per read call: runs of neighbours read once, raw JPEG tiles, DCT scaling);
+  pipeline:   what `tiles` does per target, ``tiles.write_tiles`` (the reads above + JPEG encode +
+              webdataset shard write with the tile's json, on disk in a temporary folder);
+  slide_read: openpluto Slide.read per tile (level choice + antialiased resize; `tiles` before the
+              throughput reader, kept so earlier README rows stay comparable),
+each with its own slide handle after a warm-up pass (so the OS file cache is warm for all).
+Peak memory: `tile_slide` run in a fresh process per slide size (VmHWM of that process).
 
     python benchmarks/tiles_throughput.py           # synthetic 4k + 8k slides (+ the NDPI if present)
     python benchmarks/tiles_throughput.py --sizes 4096 16384 --tiles 200 --json out.json
@@ -14,15 +20,14 @@ Peak memory: `tile_slide` run in a fresh process per slide size (ru_maxrss of th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from openpluto.demo.synthetic import make_synthetic_slide  # noqa: E402
-from openpluto.slide import TissueConfig, detect_tissue, grid_tiles, open_slide  # noqa: E402
+from openpluto.slide import TissueConfig, detect_tissue, open_slide  # noqa: E402
+from openpluto.slide.config import TilesConfig  # noqa: E402
+from openpluto.slide.reader import SlideError  # noqa: E402
+from openpluto.slide.tiles import modality_fields, plan_tiles, read_tile_set, write_tiles  # noqa: E402
 
 NDPI = REPO.parent / "shared" / "data" / "wsi" / "test3-DAPI-2-387.ndpi"
-
-
-def _coords(slide, result, mpp: float, size: int, n: int, seed: int = 0) -> np.ndarray:
-    c = grid_tiles(slide, result, mpp, size, min_tissue=0.5)
-    if len(c) > n:
-        c = c[np.sort(np.random.default_rng(seed).choice(len(c), n, replace=False))]
-    return c
+KINDS = ("raw", "tilereader", "pipeline", "slide_read")
 
 
 def _raw(path: Path, slide, coords: np.ndarray, mpp: float, size: int) -> float:
@@ -59,29 +61,31 @@ def _raw(path: Path, slide, coords: np.ndarray, mpp: float, size: int) -> float:
     return dt
 
 
-def _ours(path: Path, coords: np.ndarray, mpp: float, size: int, pipeline: bool) -> float:
-    s = open_slide(path)
-    buf = io.BytesIO()
-    tar = tarfile.open(fileobj=buf, mode="w") if pipeline else None  # noqa: SIM115
-    t0 = time.perf_counter()
-    for i, (x, y, _) in enumerate(coords):
-        if not pipeline:
+def _slide_read(path: Path, coords: np.ndarray, mpp: float, size: int) -> float:
+    with open_slide(path) as s:
+        t0 = time.perf_counter()
+        for x, y, _ in coords:
             s.read(int(x), int(y), size, mpp)
-        else:
-            jb = io.BytesIO()
-            s.read_image(int(x), int(y), size, mpp).save(jb, format="JPEG", quality=90)
-            data = jb.getvalue()
-            info = tarfile.TarInfo(f"t{i}.jpg")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    dt = time.perf_counter() - t0
-    if tar is not None:
-        tar.close()
-    s.close()
+        return time.perf_counter() - t0
+
+
+def _tilereader(path: Path, coords: np.ndarray, mpp: float, size: int) -> float:
+    t0 = time.perf_counter()
+    for _ in read_tile_set(path, mpp, size, coords):
+        pass
+    return time.perf_counter() - t0
+
+
+def _pipeline(path: Path, tile_set: tuple, cfg: TilesConfig, modality: dict, tmp: Path) -> float:
+    with open_slide(path) as s, tempfile.TemporaryDirectory(dir=tmp) as partial:
+        t0 = time.perf_counter()
+        rows = write_tiles(s, str(path), "bench", [tile_set], cfg, Path(partial), modality)
+        dt = time.perf_counter() - t0
+    assert len(rows) == len(tile_set[3])
     return dt
 
 
-def bench_slide(path: Path, mpps, size: int, n: int, repeats: int = 2) -> dict:
+def bench_slide(path: Path, mpps, size: int, n: int, tmp: Path, repeats: int = 2) -> dict:
     s = open_slide(path)
     t0 = time.perf_counter()
     r = detect_tissue(s, TissueConfig())
@@ -95,33 +99,30 @@ def bench_slide(path: Path, mpps, size: int, n: int, repeats: int = 2) -> dict:
         "targets": [],
     }
     for mpp in mpps:
+        cfg = TilesConfig(mpp=(mpp,), tile_size=(size,), tiles_per_slide=n, qc=False)
         try:
-            level = s.level_for_mpp(mpp)
-        except Exception:
+            (tile_set,), _ = plan_tiles(s, r, cfg, "bench")  # the tiles `openpluto tiles` takes, in its order
+        except SlideError:
             continue
-        c = _coords(s, r, mpp, size, n)
+        _, _, level, c = tile_set
         if len(c) < 5:
             continue
-        _ours(path, c, mpp, size, False)  # warm the OS file cache
-        best = {"raw": 1e9, "read": 1e9, "pipeline": 1e9}
+        timers = {
+            "raw": partial(_raw, path, s, c, mpp, size),
+            "tilereader": partial(_tilereader, path, c, mpp, size),
+            "pipeline": partial(_pipeline, path, tile_set, cfg, modality_fields(r), tmp),
+            "slide_read": partial(_slide_read, path, c, mpp, size),
+        }
+        timers["slide_read"]()  # warm the OS file cache
+        best = dict.fromkeys(KINDS, 1e9)
         for rep in range(repeats):
-            order = ["raw", "read", "pipeline"] if rep % 2 == 0 else ["pipeline", "read", "raw"]
-            for k in order:
-                dt = _raw(path, s, c, mpp, size) if k == "raw" else _ours(path, c, mpp, size, k == "pipeline")
-                best[k] = min(best[k], dt)
+            for k in KINDS if rep % 2 == 0 else KINDS[::-1]:
+                best[k] = min(best[k], timers[k]())
         tps = {k: len(c) / v for k, v in best.items()}
-        out["targets"].append(
-            {
-                "mpp": mpp,
-                "level": level,
-                "tiles": len(c),
-                "raw_tiles_per_s": round(tps["raw"], 1),
-                "read_tiles_per_s": round(tps["read"], 1),
-                "pipeline_tiles_per_s": round(tps["pipeline"], 1),
-                "read_vs_raw": round(tps["read"] / tps["raw"], 3),
-                "pipeline_vs_raw": round(tps["pipeline"] / tps["raw"], 3),
-            }
-        )
+        row = {"mpp": mpp, "level": level, "tiles": len(c)}
+        row.update({f"{k}_tiles_per_s": round(tps[k], 1) for k in KINDS})
+        row.update({f"{k}_vs_raw": round(tps[k] / tps["raw"], 3) for k in KINDS[1:]})
+        out["targets"].append(row)
     s.close()
     return out
 
@@ -129,10 +130,10 @@ def bench_slide(path: Path, mpps, size: int, n: int, repeats: int = 2) -> dict:
 def peak_memory(path: Path, out_dir: Path, tiles: int) -> float:
     """Peak RSS (MiB) of a fresh process running `tile_slide` on ``path`` (all four mpps, 275 + 550 px)."""
     code = (
-        "from openpluto.slide.tiles import tile_slide; "
+        "from openpluto.slide.tiles import tile_slide; from openpluto.jobs.cohort import SlideJob; "
         "from openpluto.config import to_dict; from openpluto.slide.config import TilesConfig, TissueConfig; "
-        f"tile_slide({str(path)!r}, {str(out_dir)!r}, 'bench', "
-        f"to_dict(TilesConfig(tiles_per_slide={tiles}, qc=False)), to_dict(TissueConfig()), None); "
+        f"tile_slide(SlideJob('bench', {str(path)!r}, {{}}, {{}}), {str(out_dir)!r}, "
+        f"to_dict(TilesConfig(tiles_per_slide={tiles}, qc=False, modality='any')), to_dict(TissueConfig())); "
         # VmHWM: peak RSS of this address space (ru_maxrss would include the parent's peak before exec).
         "print([ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0])"
     )
@@ -165,20 +166,19 @@ def main() -> int:
         extra = args.slides if args.slides is not None else ([str(NDPI)] if NDPI.is_file() else [])
         paths += [Path(p) for p in extra]
         for p in paths:
-            res = bench_slide(p, args.mpp, args.tile_size, args.tiles)
+            res = bench_slide(p, args.mpp, args.tile_size, args.tiles, tmp)
             results["slides"].append(res)
             w, h = res["dimensions"]
             print(
                 f"\n{res['slide']}  {w}x{h} @ {res['mpp']:.4g} um/px; "
                 f"tissue mask {res['mask_seconds']:.2f} s ({res['mask_shape'][1]}x{res['mask_shape'][0]})"
             )
-            cols = ("raw/s", "read/s", "pipe/s", "read/raw", "pipe/raw")
-            print(f"  {'mpp':>5} {'level':>5} {'tiles':>5} " + " ".join(f"{c:>8}" for c in cols))
+            cols = [f"{k}/s" for k in KINDS] + [f"{k}/raw" for k in KINDS[1:]]
+            print(f"  {'mpp':>5} {'level':>5} {'tiles':>5} " + " ".join(f"{c:>14}" for c in cols))
             for t in res["targets"]:
-                vals = [t[k] for k in ("raw_tiles_per_s", "read_tiles_per_s", "pipeline_tiles_per_s")]
-                vals += [t["read_vs_raw"], t["pipeline_vs_raw"]]
+                vals = [t[f"{k}_tiles_per_s"] for k in KINDS] + [t[f"{k}_vs_raw"] for k in KINDS[1:]]
                 head = f"  {t['mpp']:>5g} {t['level']:>5} {t['tiles']:>5} "
-                print(head + " ".join(f"{v:>8.2f}" for v in vals))
+                print(head + " ".join(f"{v:>14.2f}" for v in vals))
         print("\npeak memory of one `tile_slide` process (tiles-per-slide 100 per mpp x size):")
         for p, n in zip(paths, args.sizes):
             mib = peak_memory(p, tmp / f"out_{n}", 100)

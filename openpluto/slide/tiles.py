@@ -26,7 +26,7 @@ import re
 import shutil
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ MANIFEST_COLUMNS = (
 )
 # TilesConfig fields that do not change the tiles (how the run goes, not what it makes).
 RUN_FIELDS = ("workers", "timeout", "qc", "mpp_override", "shard", "overwrite", "modality")
+READ_BATCH = 64  # tile corners per TileReader.read call (runs of neighbours are found within a batch)
 
 
 def tiles_settings(cfg: TilesConfig, tissue_cfg: TissueConfig, mpp_override: float | None) -> dict:
@@ -150,7 +151,7 @@ def plan_tiles(slide, result, cfg: TilesConfig, slide_id: str) -> tuple[list[tup
     return sets, warnings
 
 
-def _modality(result) -> dict:
+def modality_fields(result) -> dict:
     """What a slide's outputs record about its modality (see ``openpluto.slide.tissue``)."""
     return {"modality": result.modality, "stain": result.stain, "dab_fraction": result.dab_fraction}
 
@@ -173,44 +174,53 @@ def _tile_meta(
     }
 
 
-def _write_tiles(
-    slide, path: str, slide_id: str, sets: list[tuple], cfg: TilesConfig, partial: Path, modality: dict
-) -> list[dict]:
-    """Read and JPEG-encode every planned tile into ``partial`` shards; return the manifest rows.
-
-    Tiles are read by the throughput reader (``fastread.TileReader``: runs of neighbours read once,
-    raw JPEG tiles with DCT scaling), 64 at a time. ``modality`` (:func:`_modality`) goes into every
-    tile's json; the manifest gets one word of it.
-    """
+def read_tile_set(
+    path: str | os.PathLike, mpp: float, size: int, coords: np.ndarray,
+    mpp_override: float | None = None, allow_upsample: bool = False,
+) -> Iterator[np.ndarray]:
+    """The ``size`` px tiles at ``mpp`` µm/px of level-0 corners ``coords`` [N, >=2], in order, as
+    uint8 [size, size, 3], read by the throughput reader (``fastread.TileReader``: runs of neighbours
+    read once, raw JPEG tiles with DCT scaling), :data:`READ_BATCH` corners per ``read`` call."""
     from openpluto.slide.fastread import TileReader
 
+    with TileReader(path, mpp, size, mpp_override=mpp_override, allow_upsample=allow_upsample) as r:
+        for a in range(0, len(coords), READ_BATCH):
+            yield from r.read(coords[a:a + READ_BATCH, :2])
+
+
+def write_tiles(
+    slide, path: str, slide_id: str, sets: list[tuple], cfg: TilesConfig, partial: Path, modality: dict
+) -> list[dict]:
+    """Read (:func:`read_tile_set`) and JPEG-encode every planned tile into ``partial`` shards; return
+    the manifest rows. ``modality`` (:func:`modality_fields`) goes into every tile's json; the manifest
+    gets one word of it.
+    """
     rows: list[dict] = []
     writer = shard_writer(partial, slide_id, cfg.shard_size)
     override = slide.mpp if slide.mpp_source == "override" else None
     try:
         for mpp, size, level, coords in sets:
-            with TileReader(path, mpp, size, mpp_override=override, allow_upsample=cfg.allow_upsample) as r:
-                tiles = (t for a in range(0, len(coords), 64) for t in r.read(coords[a:a + 64, :2]))
-                for (x, y, frac), tile in zip(coords, tiles):
-                    x, y = int(x), int(y)
-                    img = Image.fromarray(tile)
-                    key = tile_key(slide_id, mpp, size, x, y)
-                    meta = {**_tile_meta(slide, path, slide_id, mpp, size, level, x, y, frac),
-                            "modality": modality["modality"], "stain": modality["stain"]}
-                    jpg = _jpeg(img, cfg.jpeg_quality)
-                    writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
-                    shard = Path(writer.fname).name
-                    rows.append(
-                        {
-                            **{k: meta[k] for k in ("slide", "path", "x", "y", "mpp", "level")},
-                            "key": key,
-                            "shard": f"shards/{shard}",
-                            "tile_size": size,
-                            "size_l0": meta["size_l0"],
-                            "tissue_fraction": meta["tissue_fraction"],
-                            "modality": modality["stain"] or modality["modality"],  # he, ihc, fluorescence
-                        }
-                    )
+            tiles = read_tile_set(path, mpp, size, coords, override, cfg.allow_upsample)
+            for tile, (x, y, frac) in zip(tiles, coords):  # tiles first: the reader closes when they end
+                x, y = int(x), int(y)
+                img = Image.fromarray(tile)
+                key = tile_key(slide_id, mpp, size, x, y)
+                meta = {**_tile_meta(slide, path, slide_id, mpp, size, level, x, y, frac),
+                        "modality": modality["modality"], "stain": modality["stain"]}
+                jpg = _jpeg(img, cfg.jpeg_quality)
+                writer.write({"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()})
+                shard = Path(writer.fname).name
+                rows.append(
+                    {
+                        **{k: meta[k] for k in ("slide", "path", "x", "y", "mpp", "level")},
+                        "key": key,
+                        "shard": f"shards/{shard}",
+                        "tile_size": size,
+                        "size_l0": meta["size_l0"],
+                        "tissue_fraction": meta["tissue_fraction"],
+                        "modality": modality["stain"] or modality["modality"],  # he, ihc, fluorescence
+                    }
+                )
     finally:
         writer.close()
     return rows
@@ -235,9 +245,9 @@ def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
         result = detect_tissue(slide, tcfg)
         t_mask = time.time() - t0
         if not result.matches_modality(cfg.modality):  # no done record: a rerun may ask for it
-            return {**job.record(), "status": "left_out", **_modality(result)}
+            return {**job.record(), "status": "left_out", **modality_fields(result)}
         sets, warnings = plan_tiles(slide, result, cfg, slide_id)
-        rows = _write_tiles(slide, path, slide_id, sets, cfg, partial, _modality(result))
+        rows = write_tiles(slide, path, slide_id, sets, cfg, partial, modality_fields(result))
         counts = {f"{m:g}um_{s}px": len(c) for m, s, _, c in sets}
         record = {
             **job.record(),
@@ -254,7 +264,7 @@ def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
             "usable_mm2": result.area_mm2(result.usable),
             "artifact_mm2": {k: result.area_mm2(v) for k, v in result.artifacts.items()},
             "dark_background": result.dark_background,
-            **_modality(result),
+            **modality_fields(result),
             "warnings": warnings,
             "mask_seconds": round(t_mask, 3),
         }
