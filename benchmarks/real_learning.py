@@ -138,6 +138,18 @@ def pretrain_run(args, out: Path):
     return cfg, summary
 
 
+def last_logged(summary: dict, run_dir: Path) -> dict:
+    """The run's last logged values: from the trainer's summary, or, when a finished run was reused
+    (no step taken now), the last row of ``run_dir/metrics.csv``."""
+    if summary.get("last"):
+        return summary["last"]
+    import csv
+
+    metrics = run_dir / "metrics.csv"
+    rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
+    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+
+
 def summarise(scores: dict[str, dict[str, list[float]]], random_labels: list[str]) -> dict:
     """Means/sds per encoder and probe, random seeds pooled, and the trained-minus-random margins."""
     rows: dict[str, dict] = {}
@@ -181,7 +193,7 @@ def format_table(result: dict) -> str:
     d = result["diagnostics"]
     ranks = ", ".join(f"{k} {v:.1f}" for k, v in d["effective_rank"].items())
     lines += ["", f"effective rank of the features: {ranks}; teacher entropy at the end "
-              f"{d.get('teacher_entropy', float('nan')):.2f} of ln(prototypes) = {d['max_entropy']:.2f}"]
+              f"{d.get('teacher_entropy') or float('nan'):.2f} of ln(prototypes) = {d['max_entropy']:.2f}"]
     return "\n".join(lines)
 
 
@@ -232,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     feats["colour"] = colour_features(records, resize)
     scores = {label: probe_scores(x, y, splits, n_classes, args.linear) for label, x in feats.items()}
     random_labels = [k for k in encoders if k.startswith("random")]
-    last = summary.get("last", {})
+    last = last_logged(summary, args.out / "run")
     result = {
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "resize": resize, "n_images": len(records), "classes": records.classes},

@@ -1,6 +1,7 @@
 """Slow: ``cpu-tiny`` pretrained for 400 steps on 3,000 real H&E tiles against its random twin on real
 labelled tiles (LC25000 lung, 3 classes), kNN and the linear probe (``benchmarks/real_learning.py`` at
-its defaults): the margin reached today is guarded, and issue 14's +0.10 target is a strict xfail."""
+its defaults): the margins reached today are guarded; issue 14's +0.10 target is asserted for kNN
+and a strict xfail for the linear probe."""
 
 from __future__ import annotations
 
@@ -34,21 +35,35 @@ def real_result(patches_dir, tmp_path_factory) -> dict:
     return res
 
 
+def _beyond_seed_spread(m: dict) -> bool:
+    """The trained mean lies above the best random seed by more than the seeds' own range."""
+    lo, hi = m["random_seed_range"]
+    return m["over_best_random_seed"] > hi - lo
+
+
 @pytest.mark.slow
 def test_cpu_tiny_beats_its_random_twin_on_real_tissue(real_result):
-    """What the recipe achieves today (+0.047 kNN, +0.031 linear over the twins' mean): kept, not lost."""
-    for probe, m in real_result["summary"]["margins"].items():
-        assert m["over_random_mean"] >= 0.02, (probe, m)
-        assert m["over_best_random_seed"] > 0.0, (probe, m)
+    """What the recipe achieves today (+0.107 kNN, +0.077 linear over the twins' mean): kept, not lost."""
+    margins = real_result["summary"]["margins"]
+    assert margins["knn"]["over_random_mean"] >= 0.08, margins["knn"]
+    assert margins["linear"]["over_random_mean"] >= 0.05, margins["linear"]
+    for probe, m in margins.items():
+        assert _beyond_seed_spread(m), (probe, m)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 14's target is not met yet: +0.047 kNN / +0.031 linear at "
+def test_cpu_tiny_knn_reaches_the_target_margin(real_result):
+    """Issue 14's target on the kNN probe: +0.10 over the random twin, beyond the seeds' spread."""
+    m = real_result["summary"]["margins"]["knn"]
+    assert m["over_random_mean"] >= 0.10 and _beyond_seed_spread(m), m
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 14's target is not met on the linear probe yet: +0.077 at "
                    "400 steps; this fails (XPASS) once a recipe reaches it, so the mark must then go")
-def test_cpu_tiny_learns_on_real_tissue_by_the_target_margin(real_result):
-    for probe, m in real_result["summary"]["margins"].items():
-        assert m["over_random_mean"] >= 0.10, (probe, m)
-        assert m["over_best_random_seed"] >= 0.10, (probe, m)  # beyond the spread of the random seeds
+def test_cpu_tiny_linear_reaches_the_target_margin(real_result):
+    m = real_result["summary"]["margins"]["linear"]
+    assert m["over_random_mean"] >= 0.10 and _beyond_seed_spread(m), m
 
 
 def _load_benchmark():
@@ -78,3 +93,12 @@ def test_screening_probes_and_margins():
     for p in rl.PROBES:
         margin = summary["margins"][p]["over_random_mean"]
         assert margin == pytest.approx(np.mean(good[p]) - np.mean(noise[p]))
+
+
+def test_last_logged_reads_a_reused_run(tmp_path):
+    """A finished run reused by the benchmark takes no step, so its last values come from metrics.csv."""
+    rl = _load_benchmark()
+    (tmp_path / "metrics.csv").write_text("step,teacher_entropy,total\n5,4.5,7.0\n10,1.6,6.2\n")
+    assert rl.last_logged({}, tmp_path) == {"step": 10.0, "teacher_entropy": 1.6, "total": 6.2}
+    assert rl.last_logged({"last": {"total": 1.0}}, tmp_path) == {"total": 1.0}
+    assert rl.last_logged({}, tmp_path / "missing") == {}
