@@ -53,7 +53,8 @@ def test_cpu_tiny_beats_its_random_twin_on_real_tissue(real_result):
 
 @pytest.mark.slow
 def test_cpu_tiny_knn_reaches_the_target_margin(real_result):
-    """Issue 14's target on the kNN probe: +0.10 over the random twin, beyond the seeds' spread."""
+    """Issue 14's target on the kNN probe: +0.10 over the random twin, beyond the seeds' spread. Met at
+    the benchmark's default training seed (0); seeds 1 and 2 reach +0.05 and +0.02 (README)."""
     m = real_result["summary"]["margins"]["knn"]
     assert m["over_random_mean"] >= 0.10 and _beyond_seed_spread(m), m
 
