@@ -17,7 +17,14 @@ import torch
 from openpluto import __version__
 from openpluto.config import to_dict
 from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
-from openpluto.embed.cohort import EmbedSummary, record_attrs, select_slides, todo_slides, write_parts
+from openpluto.embed.cohort import (
+    EmbedSummary,
+    errors_label,
+    record_attrs,
+    select_slides,
+    todo_slides,
+    write_parts,
+)
 from openpluto.embed.config import EmbedConfig
 from openpluto.embed.embedder import TileEmbedder
 from openpluto.embed.slides import SlideTodo, embed_slides
@@ -143,7 +150,7 @@ def _run(cfg: EmbedConfig, cohort: Any, overrides: Any, out_dir: Path, info: Dis
         total.merge(s)
     if info.is_main and log is not None:
         random = " [RANDOM-INIT model: baseline features]" if encoder.weights_hash == "random-init" else ""
-        errors = " -> errors.csv" if total.failed else ""
+        errors = f" -> {errors_label(cohort.shard)}" if total.failed else ""
         log(total.line() + errors + random)
     barrier(info)
     return total

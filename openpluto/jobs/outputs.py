@@ -100,8 +100,9 @@ def read_errors_csv(path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def part_name(name: str, index: int, count: int) -> str:
-    """``manifest.csv`` for one process, ``manifest.part-0-of-2.csv`` for shard 0 of 2."""
+def part_name(name: str, index: int | str, count: int) -> str:
+    """``manifest.csv`` for one process, ``manifest.part-0-of-2.csv`` for shard 0 of 2 (index ``"*"``:
+    the pattern of all parts)."""
     if count <= 1:
         return name
     stem, dot, ext = name.partition(".")

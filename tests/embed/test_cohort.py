@@ -19,8 +19,8 @@ def _cli(inputs, out, *extra) -> list[str]:
             "--no-progress", *extra]
 
 
-def _errors(out: Path) -> list[dict]:
-    with open(out / "errors.csv") as f:
+def _errors(out: Path, name: str = "errors.csv") -> list[dict]:
+    with open(out / name) as f:
         return list(csv.DictReader(f))
 
 
@@ -69,3 +69,10 @@ def test_shard_flag_splits_the_cohort(cohort, tmp_path):
     assert (out / "errors.part-0-of-2.csv").is_file() and (out / "summary.part-1-of-2.json").is_file()
     with pytest.raises(Exception, match="--shard"):
         run_embed(embed_config(cohort, out, shard="2/2"), progress=False, log=None)
+    # A failure in a shard is reported under the file it went to, the shard's part of errors.csv.
+    bad = tmp_path / "broken.svs"
+    bad.write_text("not a slide at all")
+    lines: list[str] = []
+    run_embed(embed_config([bad], tmp_path / "o2", shard="0/2"), progress=False, log=lines.append)
+    assert "1 failed -> errors.part-*-of-2.csv" in lines[-1], lines[-1]
+    assert [r["path"] for r in _errors(tmp_path / "o2", "errors.part-0-of-2.csv")] == [str(bad)]
