@@ -55,6 +55,7 @@ def run_tissue_cmd(args: argparse.Namespace) -> int:
 def _tissue(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
     from openpluto.jobs.exitcodes import batch_exit_code
+    from openpluto.jobs.outputs import shard_part
     from openpluto.slide.config import TissueConfig
     from openpluto.slide.tissue_batch import run_tissue
 
@@ -81,7 +82,8 @@ def _tissue(args: argparse.Namespace) -> int:
         )
         print(f"{i['slide']}: {area}, usable {100 * i['usable_fraction']:.1f}% of the slide; {arts}")
     already = f" ({summary['already']} already done before)" if summary["already"] else ""
-    failed = f", {summary['failed']} failed (see {args.out}/errors.csv)" if summary["failed"] else ""
+    errors_file = shard_part("errors.csv", summary["shard"])
+    failed = f", {summary['failed']} failed (see {args.out}/{errors_file})" if summary["failed"] else ""
     print(f"{summary['done']} slides done{already}{failed} -> {args.out}")
     return batch_exit_code(summary["done"], summary["failed"])
 
@@ -95,6 +97,7 @@ def run_tiles_cmd(args: argparse.Namespace) -> int:
 def _tiles(args: argparse.Namespace) -> int:
     from openpluto.config import config_from_args
     from openpluto.jobs.exitcodes import batch_exit_code
+    from openpluto.jobs.outputs import shard_part
     from openpluto.slide.config import TilesConfig, TissueConfig
     from openpluto.slide.tiles import format_summary, run_tiles
 
@@ -102,6 +105,7 @@ def _tiles(args: argparse.Namespace) -> int:
     tcfg = config_from_args(TissueConfig, args)
     summary = run_tiles(args.slides, args.out, cfg, tcfg)
     print(format_summary(summary))
-    print(f"-> {args.out}/shards, manifest.csv, errors.csv, summary.json, qc/")
+    names = ", ".join(shard_part(n, summary["shard"]) for n in ("manifest.csv", "errors.csv", "summary.json"))
+    print(f"-> {args.out}/shards, {names}, qc/")
     done = summary["slides_ok"]
     return batch_exit_code(done, summary["slides_failed"])

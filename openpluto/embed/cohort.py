@@ -106,11 +106,6 @@ def record_attrs(slide_id: str, identity: dict, settings: dict) -> dict[str, Any
             "settings_fingerprint": settings_fingerprint(settings)}
 
 
-def errors_label(shard: Shard) -> str:
-    """Where the failures of a run went: ``errors.csv``, or its parts (one per shard or torchrun rank)."""
-    return "errors.csv" if shard.count <= 1 else part_name("errors.csv", "*", shard.count)
-
-
 def write_parts(out_dir: Path, shard: Shard, summary: EmbedSummary) -> None:
     """This process's ``errors.csv`` and ``summary.json`` (``.part-I-of-N`` with several shards)."""
     write_errors_csv(out_dir / part_name("errors.csv", shard.index, shard.count), summary.errors)

@@ -19,7 +19,6 @@ from openpluto.config import to_dict
 from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
 from openpluto.embed.cohort import (
     EmbedSummary,
-    errors_label,
     record_attrs,
     select_slides,
     todo_slides,
@@ -31,6 +30,7 @@ from openpluto.embed.slides import SlideTodo, embed_slides
 from openpluto.embed.writer import clean_slide_temps
 from openpluto.errors import ConfigError
 from openpluto.io import write_json_atomic
+from openpluto.jobs.outputs import part_name
 from openpluto.progress import progress as progress_bar
 
 # ----------------------------------------------------------------------------- cohort
@@ -150,7 +150,8 @@ def _run(cfg: EmbedConfig, cohort: Any, overrides: Any, out_dir: Path, info: Dis
         total.merge(s)
     if info.is_main and log is not None:
         random = " [RANDOM-INIT model: baseline features]" if encoder.weights_hash == "random-init" else ""
-        errors = f" -> {errors_label(cohort.shard)}" if total.failed else ""
+        # every rank's failures, in errors.csv or its parts (one per shard or torchrun rank)
+        errors = f" -> {part_name('errors.csv', '*', cohort.shard.count)}" if total.failed else ""
         log(total.line() + errors + random)
     barrier(info)
     return total

@@ -109,6 +109,12 @@ def part_name(name: str, index: int | str, count: int) -> str:
     return f"{stem}.part-{index}-of-{count}{dot}{ext}"
 
 
+def shard_part(name: str, label: str) -> str:
+    """``part_name`` of the shard a summary labels ``"I/N"``: the file that shard wrote."""
+    index, count = (int(v) for v in label.split("/"))
+    return part_name(name, index, count)
+
+
 def part_files(folder: str | os.PathLike, name: str) -> list[Path]:
     """``name`` and every shard part of it in ``folder`` (what a reader takes the union of)."""
     folder = Path(folder)

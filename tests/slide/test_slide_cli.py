@@ -91,3 +91,17 @@ def test_bad_flag_value_is_one_line_error(tmp_path, capsys):
     assert main(["tiles", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o")]) == 1
     assert not (tmp_path / "o").exists()  # a failed start leaves no output folder
     assert "nope.svs: no such slide file or folder" in capsys.readouterr().err
+
+
+def test_a_shard_names_the_part_files_it_wrote(tmp_path, capsys):
+    """Under --shard I/N the closing lines point at this shard's parts, where its failures are."""
+    bad = tmp_path / "broken.svs"
+    bad.write_text("not a slide at all")
+    assert main(["tissue", str(bad), "--out", str(tmp_path / "t"), "--shard", "0/2"]) == 1
+    said = capsys.readouterr().out
+    assert "1 failed (see " in said and "errors.part-0-of-2.csv)" in said, said
+    assert (tmp_path / "t" / "errors.part-0-of-2.csv").is_file()
+    assert main(["tiles", str(bad), "--out", str(tmp_path / "o"), "--shard", "0/2", *FAST]) == 1
+    said = capsys.readouterr().out
+    assert "manifest.part-0-of-2.csv, errors.part-0-of-2.csv, summary.part-0-of-2.json" in said, said
+    assert (tmp_path / "o" / "errors.part-0-of-2.csv").is_file()
