@@ -220,33 +220,42 @@ def test_failed_start_leaves_no_output_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+# `openpluto ...` whose tile_slide parks (forever) on the slide whose path is argv[1], after writing
+# the marker file argv[2]: the signal then always arrives mid-run, however fast or loaded the machine.
+_PARKED_TILES_CLI = """
+import sys, time, pathlib
+import openpluto.slide.tiles as tiles
+from openpluto.cli.main import main
+park, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+real = tiles.tile_slide
+def parked(job, *a, **k):
+    if job.path == park:
+        marker.write_text(job.slide_id)
+        while True:
+            time.sleep(60)
+    return real(job, *a, **k)
+tiles.tile_slide = parked
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_sigterm_exits_143_and_the_rerun_finishes(slides, tmp_path):
-    out = tmp_path / "o"
-    runner = "import sys; from openpluto.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [
-        sys.executable,
-        "-c",
-        runner,
-        "tiles",
-        str(slides["a"].parent),
-        str(slides["b"].parent),
-        str(slides["jp"].parent),
-        "--out",
-        str(out),
-        "--mpp",
-        "0.5",
-        "--tile-size",
-        "64",
-        "--no-qc",
-    ]
+    out, marker = tmp_path / "o", tmp_path / "parked"
+    folders = [str(slides[k].parent) for k in ("a", "b", "jp")]
+    args = ["tiles", *folders, "--out", str(out), "--mpp", "0.5", "--tile-size", "64", "--no-qc"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", _PARKED_TILES_CLI, str(slides["jp"]), str(marker), *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not out.exists() and proc.poll() is None:
-        time.sleep(0.02)  # the out folder exists once the command is running its slides
-    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 1800  # a hang guard only
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.poll()
+    proc.send_signal(signal.SIGTERM)  # a slide is parked mid-run: the run cannot have finished
     _, err = proc.communicate(timeout=1800)  # a hang guard only
     assert proc.returncode == 143, err
     assert "terminated" in err
+    runner = "import sys; from openpluto.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", runner, *args]
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr
     assert len(list((out / "done").glob("*.json"))) == 3 and not list((out / "shards").glob(".partial/*/*"))
