@@ -17,13 +17,7 @@ import torch
 from openpluto import __version__
 from openpluto.config import to_dict
 from openpluto.distributed import DistInfo, barrier, cleanup_distributed, gather_objects, init_distributed
-from openpluto.embed.cohort import (
-    EmbedSummary,
-    record_attrs,
-    select_slides,
-    todo_slides,
-    write_parts,
-)
+from openpluto.embed.cohort import EmbedSummary, record_attrs, select_slides, todo_slides, write_parts
 from openpluto.embed.config import EmbedConfig
 from openpluto.embed.embedder import TileEmbedder
 from openpluto.embed.slides import SlideTodo, embed_slides
