@@ -143,11 +143,10 @@ def last_logged(summary: dict, run_dir: Path) -> dict:
     (no step taken now), the last row of ``run_dir/metrics.csv``."""
     if summary.get("last"):
         return summary["last"]
-    import csv
+    from openpluto.train.metrics import read_metrics
 
-    metrics = run_dir / "metrics.csv"
-    rows = list(csv.DictReader(metrics.open())) if metrics.exists() else []
-    return {k: float(v) for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+    rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+    return rows[-1] if rows else {}
 
 
 def summarise(scores: dict[str, dict[str, list[float]]], random_labels: list[str]) -> dict:
