@@ -160,10 +160,6 @@ def test_embedder_bf16_autocast_close_to_fp32(cohort):
     assert cos.min() > 0.98
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "openpluto.cli.main", "embed", *args]
-
-
 def _cli_args(cfg, out) -> list[str]:
     return [*cfg.inputs, "--model", cfg.model, "--out", str(out), "--mpp", str(cfg.mpp), "--tile-size",
             str(cfg.tile_size), "--batch-size", str(cfg.batch_size), "--workers", "1", "--threads", "1",
@@ -200,28 +196,45 @@ def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
     assert "embedded 3 slide(s)" in r.stdout
 
 
+# `openpluto embed ...` that parks (forever) in the first write to its second slide's file, after
+# writing the marker file argv[1]: the kill then always lands mid-slide, however fast the machine.
+_PARKED_EMBED_CLI = """
+import sys, time, pathlib
+from openpluto.embed.writer import SlideH5Writer
+from openpluto.cli.main import main
+marker, seen, real = pathlib.Path(sys.argv[1]), set(), SlideH5Writer.append
+def parked(self, *a, **k):
+    seen.add(id(self))
+    if len(seen) == 2:
+        self.f.flush()
+        marker.write_text(self.f.filename)
+        while True:
+            time.sleep(60)
+    return real(self, *a, **k)
+SlideH5Writer.append = parked
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_killed_run_resumes_to_one_complete_file_per_slide(cohort, tmp_path):
-    out = tmp_path / "killed"
+    out, marker = tmp_path / "killed", tmp_path / "parked"
     cfg = embed_config([cohort[0].parent], out, batch_size=4)
-    proc = subprocess.Popen(_cli(*_cli_args(cfg, out)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    killed_mid_slide = False
+    cmd = [sys.executable, "-c", _PARKED_EMBED_CLI, str(marker), "embed", *_cli_args(cfg, out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        while proc.poll() is None:  # however long the machine needs to finish the first slide
-            if list(out.glob("*.h5")) and list(out.glob(".*.h5.tmp")):  # 1st slide done, 2nd in progress
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_mid_slide = True
-                break
-            time.sleep(0.01)
+        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard only
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no slide parked"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed_mid_slide, "the run finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-slide: one file done, the second one's temp open
+        proc.communicate()
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
-    assert list(out.glob(".*.h5.tmp"))  # the kill left a partial temp file ...
+    assert len(done_before) == 1
+    assert [p.name for p in out.glob(".*.h5.tmp")] == [Path(marker.read_text()).name]  # a partial file ...
     summary = run_embed(cfg, progress=False, log=None)
-    assert summary.skipped == len(done_before) and summary.embedded == 3 - len(done_before)
+    assert (summary.skipped, summary.embedded) == (1, 2)
     assert not list(out.glob(".*.tmp"))  # ... which the rerun removed
     files = sorted(out.glob("*.h5"))
     assert [p.name for p in files] == sorted(f"{p.stem}.h5" for p in cohort)
