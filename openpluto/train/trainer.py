@@ -578,11 +578,14 @@ def _finish(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, inf
             how = f"stopped by the {cfg.max_minutes:g}-minute limit at"
         elif stopped_by == "signal":
             how = f"stopped by {signal.Signals(signum).name if signum else 'a signal'} at"
+        elif progress.step == start_step:
+            how = "nothing to do: already at"  # a finished run resumed: no step, so no loss to show
         else:
             how = "finished at"
+        loss = f"loss {last['total']:.4f}, " if "total" in last else ""
         print(
             f"pretrain: {how} step {progress.step}/{cfg.max_steps}, "
-            f"loss {last.get('total', float('nan')):.4f}, {progress.skipped_total} skipped; "
+            f"{loss}{progress.skipped_total} skipped; "
             f"run dir {out_dir} (checkpoint.pt, metrics.csv, loss_curve.png, tb/)",
             file=sys.stderr,
         )

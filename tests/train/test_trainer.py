@@ -299,7 +299,7 @@ def test_hot_teacher_run_warns_once_that_it_cannot_learn(shards, tmp_path, capsy
 ALL_AUGMENT = "ssl.crops.augment.steps=[flip,rot90,hed,color,grayscale,blur,solarize]"
 
 
-def test_time_limit_stops_cleanly_and_resume_with_full_augmentation_is_exact(shards, tmp_path):
+def test_time_limit_stops_cleanly_and_resume_with_full_augmentation_is_exact(shards, tmp_path, capsys):
     """Every augmentation step on (drawn in workers, applied batched); a run cut by --max-minutes and
     resumed with a loader worker equals an uninterrupted run without workers, step for step."""
     extra = ["max_steps=4", "log.checkpoint_every=100", "log.tensorboard=false", ALL_AUGMENT]
@@ -323,6 +323,12 @@ def test_time_limit_stops_cleanly_and_resume_with_full_augmentation_is_exact(sha
     for step in want:
         for key in ("total", "dino_local", "dino_global", "ibot", "koleo", "grad_norm", "teacher_entropy"):
             assert got[step][key] == want[step][key], (step, key)
+
+    capsys.readouterr()
+    again = pretrain(load_train_config(run / "config.yaml", ["max_minutes=null"]), run, resume=True)
+    assert again["steps_done"] == again["start_step"] == 4 and sorted(_rows(run)) == sorted(want)
+    err = capsys.readouterr().err
+    assert "nothing to do: already at step 4/4" in err and "nan" not in err  # finished, not broken
 
 
 def test_fewer_images_than_a_batch_is_refused_in_one_line(tmp_path, capsys):
