@@ -10,7 +10,7 @@ from openpluto.demo.pretraining import PretrainOutcome
 
 CLEAR_MARGIN = 0.10  # balanced accuracy over the random twin that the default demo shows on both tasks
 # What the default run gives (README, The demo): pretrained vs random init, balanced accuracy.
-EXPECTED = {"knn": (0.964, 0.733), "linear": (0.948, 0.720)}
+EXPECTED = {"knn": (0.925, 0.733), "linear": (0.939, 0.720)}
 
 
 @dataclass
