@@ -18,6 +18,7 @@ import pytest
 import tifffile
 import torch
 from _embed_utils import MPP, TILE, embed_config
+from _parking import parked_cli, wait_until_parked
 
 from openpluto.embed import is_complete, read_slide_h5, run_embed
 from openpluto.embed.pipeline import TileEmbedder, load_model
@@ -196,43 +197,34 @@ def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
     assert "embedded 3 slide(s)" in r.stdout
 
 
-# `openpluto embed ...` that parks (forever) in the first write to its second slide's file, after
-# writing the marker file argv[1]: the kill then always lands mid-slide, however fast the machine.
-_PARKED_EMBED_CLI = """
-import sys, time, pathlib
+# the first write to the second slide's file parks (the kill then always lands mid-slide)
+_PARK_SECOND_SLIDE = """
 from openpluto.embed.writer import SlideH5Writer
-from openpluto.cli.main import main
-marker, seen, real = pathlib.Path(sys.argv[1]), set(), SlideH5Writer.append
+seen, real = set(), SlideH5Writer.append
 def parked(self, *a, **k):
     seen.add(id(self))
     if len(seen) == 2:
         self.f.flush()
-        marker.write_text(self.f.filename)
-        while True:
-            time.sleep(60)
+        park(self.f.filename)
     return real(self, *a, **k)
 SlideH5Writer.append = parked
-sys.exit(main(sys.argv[2:]))
 """
 
 
 def test_killed_run_resumes_to_one_complete_file_per_slide(cohort, tmp_path):
     out, marker = tmp_path / "killed", tmp_path / "parked"
     cfg = embed_config([cohort[0].parent], out, batch_size=4)
-    cmd = [sys.executable, "-c", _PARKED_EMBED_CLI, str(marker), "embed", *_cli_args(cfg, out)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    cmd = parked_cli(_PARK_SECOND_SLIDE, marker, "embed", *_cli_args(cfg, out))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard only
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.stderr.read() if proc.poll() is not None else "no slide parked"
+        parked_file = wait_until_parked(proc, marker, HANG_GUARD_S)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # mid-slide: one file done, the second one's temp open
         proc.communicate()
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
     assert len(done_before) == 1
-    assert [p.name for p in out.glob(".*.h5.tmp")] == [Path(marker.read_text()).name]  # a partial file ...
+    assert [p.name for p in out.glob(".*.h5.tmp")] == [Path(parked_file).name]  # a partial file ...
     summary = run_embed(cfg, progress=False, log=None)
     assert (summary.skipped, summary.embedded) == (1, 2)
     assert not list(out.glob(".*.tmp"))  # ... which the rerun removed

@@ -12,11 +12,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _parking import parked_cli, wait_until_parked
 
 from openpluto.cli.main import main
 
@@ -220,22 +220,15 @@ def test_failed_start_leaves_no_output_folder(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-# `openpluto ...` whose tile_slide parks (forever) on the slide whose path is argv[1], after writing
-# the marker file argv[2]: the signal then always arrives mid-run, however fast or loaded the machine.
-_PARKED_TILES_CLI = """
-import sys, time, pathlib
+# tile_slide parks on the slide at PARK (the signal then always arrives mid-run)
+_PARK_TILE_SLIDE = """
 import openpluto.slide.tiles as tiles
-from openpluto.cli.main import main
-park, marker = sys.argv[1], pathlib.Path(sys.argv[2])
 real = tiles.tile_slide
 def parked(job, *a, **k):
-    if job.path == park:
-        marker.write_text(job.slide_id)
-        while True:
-            time.sleep(60)
+    if job.path == {park!r}:
+        park(job.slide_id)
     return real(job, *a, **k)
 tiles.tile_slide = parked
-sys.exit(main(sys.argv[3:]))
 """
 
 
@@ -244,12 +237,9 @@ def test_sigterm_exits_143_and_the_rerun_finishes(slides, tmp_path):
     folders = [str(slides[k].parent) for k in ("a", "b", "jp")]
     args = ["tiles", *folders, "--out", str(out), "--mpp", "0.5", "--tile-size", "64", "--no-qc"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-c", _PARKED_TILES_CLI, str(slides["jp"]), str(marker), *args]
+    cmd = parked_cli(_PARK_TILE_SLIDE.format(park=str(slides["jp"])), marker, *args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 1800  # a hang guard only
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), proc.poll()
+    wait_until_parked(proc, marker)
     proc.send_signal(signal.SIGTERM)  # a slide is parked mid-run: the run cannot have finished
     _, err = proc.communicate(timeout=1800)  # a hang guard only
     assert proc.returncode == 143, err
