@@ -22,6 +22,14 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+_PLAIN = "import sys; from openpluto.cli.main import main; sys.exit(main(sys.argv[1:]))"
+
+
+def cli_command(*cli_args: str) -> list[str]:
+    """The command line of a plain ``openpluto CLI_ARGS`` run (no parking), e.g. the rerun after a kill."""
+    return [sys.executable, "-c", _PLAIN, *cli_args]
+
+
 def parked_cli(patch: str, marker: Path, *cli_args: str) -> list[str]:
     """The command line of ``openpluto CLI_ARGS`` with ``patch`` (Python source calling ``park(text)``
     where the run should stop) applied first; ``park`` writes ``text`` to ``marker``, then sleeps."""

@@ -11,12 +11,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _parking import parked_cli, wait_until_parked
+from _parking import cli_command, parked_cli, wait_until_parked
 
 from openpluto.cli.main import main
 
@@ -244,8 +243,6 @@ def test_sigterm_exits_143_and_the_rerun_finishes(slides, tmp_path):
     _, err = proc.communicate(timeout=1800)  # a hang guard only
     assert proc.returncode == 143, err
     assert "terminated" in err
-    runner = "import sys; from openpluto.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", runner, *args]
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    again = subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr
     assert len(list((out / "done").glob("*.json"))) == 3 and not list((out / "shards").glob(".partial/*/*"))

@@ -6,13 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _parking import cli_command, parked_cli, wait_until_parked
 from PIL import Image
 
 from openpluto.demo.synthetic import load_truth
@@ -99,46 +98,43 @@ def test_rerun_skips_finished_slides(tiled, synth_cohort):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.tar")} == before
 
 
+# The writer of a slide parks after 11 samples (one whole shard of 10 and one sample of the next) once
+# another slide is done: the kill then always lands mid-slide, mid-shard.
+_PARK_MID_SHARD = """
+import openpluto.slide.tiles as tiles
+from pathlib import Path
+real = tiles.shard_writer
+def parking_writer(folder, slide_id, max_count):
+    writer = real(folder, slide_id, max_count)
+    write = writer.write
+    def write_then_park(sample):
+        write(sample)
+        if writer.total == max_count + 1 and list(Path({done!r}).glob("*.json")):
+            park(slide_id)
+    writer.write = write_then_park
+    return writer
+tiles.shard_writer = parking_writer
+"""
+
+
 def test_killed_run_then_rerun_has_no_duplicates_or_partials(synth_cohort, tmp_path, tiled):
-    out = tmp_path / "killed"
-    # The `openpluto tiles` command, without importing the other stages' CLI modules (fast start).
-    runner = (
-        "import argparse, sys; from openpluto.cli import slide; p = argparse.ArgumentParser(); "
-        "slide.register(p.add_subparsers()); a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))"
-    )
-    cmd = [
-        sys.executable,
-        "-c",
-        runner,
-        "tiles",
-        str(synth_cohort[0].parent),
-        "--out",
-        str(out),
-        "--mpp",
-        "0.5",
-        "1.0",
-        "--tile-size",
-        "128",
-        "--shard-size",
-        "40",
-        "--workers",
-        "1",
-        "--no-qc",
-    ]
+    out, marker = tmp_path / "killed", tmp_path / "parked"
+    args = ["tiles", str(synth_cohort[0].parent), "--out", str(out), "--mpp", "0.5", "1.0",
+            "--tile-size", "128", "--shard-size", "10", "--workers", "1", "--no-qc"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = parked_cli(_PARK_MID_SHARD.format(done=str(out / "done")), marker, *args)
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    # Kill once the first slide is done and the second is being written (however long that takes).
-    while proc.poll() is None and not list((out / "done").glob("*.json")):
-        time.sleep(0.05)
-    time.sleep(0.3)
+    parked_slide = wait_until_parked(proc, marker)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert not (out / "done" / f"{parked_slide}.json").exists()
+    assert list((out / "shards" / ".partial" / parked_slide).glob("*.tar"))  # killed mid-slide
     # Simulate the worst case too: an orphan final shard of an unfinished slide.
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "shards" / "slide_002-000000.tar").write_bytes(b"partial garbage")
-    rc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rc = subprocess.run(cli_command(*args), env=env, capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr
     ref_keys = set(_samples(tiled[0]))
     keys = set(_samples(out))

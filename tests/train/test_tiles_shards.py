@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _parking import cli_command
 from test_trainer import TINY
 
 from openpluto.slide import TilesConfig
@@ -32,9 +32,8 @@ def one_and_sharded(synth_cohort, tmp_path_factory) -> tuple[Path, Path]:
     one, sharded = root / "one", root / "sharded"
     cfg = TilesConfig(mpp=(1.0,), tile_size=(64,), tiles_per_slide=6, shard_size=4, qc=False)
     assert run_tiles([synth_cohort[0].parent], one, cfg, progress=False)["slides_ok"] == 3
-    runner = "import sys; from openpluto.cli.main import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    tiles = [sys.executable, "-c", runner, "tiles", str(synth_cohort[0].parent), "--out", str(sharded), *ARGS]
+    tiles = cli_command("tiles", str(synth_cohort[0].parent), "--out", str(sharded), *ARGS)
     procs = [subprocess.Popen([*tiles, "--shard", f"{i}/2"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     for p in procs:
