@@ -370,6 +370,9 @@ def run_tiles(
         say(n)
     jobs = [(j.slide_id, (j, str(out), to_dict(cfg), to_dict(tissue_cfg))) for j in todo.jobs()]
     paths = {r.id: r.path for r in cohort.mine}
+    # webdataset imports torch: once here, the forked slide workers inherit it instead of each importing
+    # it again (~1.8 s and ~290 MB of private memory per slide on a 2-core VM).
+    import webdataset  # noqa: F401
     values, errors = run_slides(
         "tiles", tile_slide, jobs, paths, cfg.workers, cfg.timeout, progress, say,
         on_fail=lambda i: _forget_slide(out, i),  # no partial shards left by a failed or killed worker
