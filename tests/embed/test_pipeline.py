@@ -197,12 +197,13 @@ def test_torchrun_two_ranks_gives_the_same_files(embedded, cohort, tmp_path):
     assert "embedded 3 slide(s)" in r.stdout
 
 
-# the first write to the second slide's file parks (the kill then always lands mid-slide)
+# the first write to the second slide's file parks (the kill then always lands mid-slide); files are
+# told apart by name: a finished writer's id() can be reused by the next one
 _PARK_SECOND_SLIDE = """
 from openpluto.embed.writer import SlideH5Writer
 seen, real = set(), SlideH5Writer.append
 def parked(self, *a, **k):
-    seen.add(id(self))
+    seen.add(self.f.filename)
     if len(seen) == 2:
         self.f.flush()
         park(self.f.filename)
