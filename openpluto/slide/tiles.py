@@ -226,6 +226,12 @@ def write_tiles(
     return rows
 
 
+# What tile_slide imports (lazily, to keep `import openpluto.slide.tiles` light): run_tiles imports them
+# once before it forks the slide processes. webdataset imports torch.
+TILE_SLIDE_MODULES = ("webdataset", "openslide", "tifffile", "openpluto.slide.geojson", "openpluto.slide.qc",
+                      "openpluto.slide.tissue", "openpluto.slide.reader", "openpluto.slide.fastread")
+
+
 def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
     """Tile one slide (a :class:`openpluto.jobs.cohort.SlideJob`) into ``out`` (run inside a worker
     process); return its record (``done/<id>.json``)."""
@@ -370,12 +376,10 @@ def run_tiles(
         say(n)
     jobs = [(j.slide_id, (j, str(out), to_dict(cfg), to_dict(tissue_cfg))) for j in todo.jobs()]
     paths = {r.id: r.path for r in cohort.mine}
-    # webdataset imports torch: once here, the forked slide workers inherit it instead of each importing
-    # it again (~1.8 s and ~290 MB of private memory per slide on a 2-core VM).
-    import webdataset  # noqa: F401
     values, errors = run_slides(
         "tiles", tile_slide, jobs, paths, cfg.workers, cfg.timeout, progress, say,
         on_fail=lambda i: _forget_slide(out, i),  # no partial shards left by a failed or killed worker
+        preload=TILE_SLIDE_MODULES,
     )
     left_out = [
         {"slide": i, "path": str(paths[i]), "modality": v["modality"], "stain": v["stain"],

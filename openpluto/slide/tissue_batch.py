@@ -17,6 +17,10 @@ from openpluto.io import write_json_atomic
 from openpluto.jobs.outputs import part_name
 from openpluto.slide.config import TissueConfig
 
+# What tissue_one imports (lazily): run_tissue imports them once before it forks the slide processes.
+TISSUE_ONE_MODULES = ("openslide", "tifffile", "openpluto.slide.geojson", "openpluto.slide.qc",
+                      "openpluto.slide.tissue", "openpluto.slide.reader")
+
 
 def tissue_one(job, out: str, tissue_dict: dict) -> dict:
     """Write ``<id>_mask.png``, ``_overlay.png``, ``.geojson`` and ``.json`` of one slide (a
@@ -107,7 +111,8 @@ def run_tissue(
         say(n)
     jobs = [(j.slide_id, (j, str(out), to_dict(cfg))) for j in todo.jobs()]
     values, errors = run_slides(
-        "tissue", tissue_one, jobs, {r.id: r.path for r in cohort.mine}, workers, timeout, progress, say
+        "tissue", tissue_one, jobs, {r.id: r.path for r in cohort.mine}, workers, timeout, progress, say,
+        preload=TISSUE_ONE_MODULES,
     )
     errors += cohort.skipped_rows("tissue")
     write_errors_csv(out / part_name("errors.csv", sh.index, sh.count), errors)

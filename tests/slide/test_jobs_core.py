@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +248,22 @@ def test_sigterm_exits_143_and_the_rerun_finishes(slides, tmp_path):
     again = subprocess.run(cli_command(*args), env=env, capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stderr
     assert len(list((out / "done").glob("*.json"))) == 3 and not list((out / "shards").glob(".partial/*/*"))
+
+
+def _imported(name: str) -> bool:
+    return name in sys.modules
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_preloaded_modules_reach_the_slide_processes_without_an_import(tmp_path, monkeypatch):
+    from openpluto.jobs.runner import run_slides
+
+    (tmp_path / "preload_probe_mod.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    jobs = [("a", ("preload_probe_mod",))]
+    args = ("probe", _imported, jobs, {"a": tmp_path / "a.svs"}, 1, 600, False, print)
+    plain, _ = run_slides(*args)
+    assert plain == {"a": False}  # the worker has not imported it
+    loaded, _ = run_slides(*args, preload=("no_such_module_here", "preload_probe_mod"))  # missing: skipped
+    assert loaded == {"a": True}  # the worker inherited it from the process that forked it
+    monkeypatch.delitem(sys.modules, "preload_probe_mod")
