@@ -37,6 +37,7 @@ from openpluto.io import atomic_path, write_json_atomic, write_text_atomic
 from openpluto.jobs.outputs import part_name, read_csv_union
 from openpluto.jobs.slides import SLIDE_EXTENSIONS
 from openpluto.slide.config import TilesConfig, TissueConfig
+from openpluto.slide.tissue_batch import TISSUE_ONE_MODULES
 
 __all__ = ["SLIDE_EXTENSIONS", "run_tiles", "read_tile_manifest", "tile_slide", "tile_key"]
 
@@ -226,10 +227,10 @@ def write_tiles(
     return rows
 
 
-# What tile_slide imports (lazily, to keep `import openpluto.slide.tiles` light): run_tiles imports them
-# once before it forks the slide processes. webdataset imports torch.
-TILE_SLIDE_MODULES = ("webdataset", "openslide", "tifffile", "openpluto.slide.geojson", "openpluto.slide.qc",
-                      "openpluto.slide.tissue", "openpluto.slide.reader", "openpluto.slide.fastread")
+# What tile_slide imports (lazily, to keep `import openpluto.slide.tiles` light): tissue_one's modules,
+# the fast reader and the shard writer (webdataset imports torch). run_tiles imports them once before it
+# forks the slide processes.
+TILE_SLIDE_MODULES = (*TISSUE_ONE_MODULES, "openpluto.slide.fastread", "webdataset")
 
 
 def tile_slide(job, out: str, cfg_dict: dict, tissue_dict: dict) -> dict:
