@@ -16,7 +16,9 @@
    how the README's ablation screened recipes;
 4. one table (mean ± sd over splits; random init as the mean over seeds with the seeds' range) with the
    margins, plus diagnostics: each encoder's effective rank, and what colour alone gives (the same
-   probes on the 6 per-tile RGB means/stds).
+   probes on the 6 per-tile RGB means/stds);
+5. with ``--probe-every N``: the teacher kept every N steps (``log.keep_every``) probed the same way,
+   one row per step, to see when the encoder stops gaining.
 
 Writes ``OUT/real_learning.json`` and ``OUT/real_learning.md``. LC25000 holds near-duplicates (its
 authors augmented 250 source images per class), so the absolute numbers are optimistic: compare
@@ -131,11 +133,35 @@ def pretrain_run(args, out: Path):
     cfg = load_train_config(
         args.config,
         [f"data.path={args.unlabeled}", f"max_steps={args.max_steps}", f"data.num_workers={args.workers}",
-         "log.progress=false", *args.overrides],
+         "log.progress=false", *([f"log.keep_every={args.probe_every}"] if args.probe_every else []),
+         *args.overrides],
     )
     summary = pretrain(cfg, out / "run", resume=True)
     export_teacher(out / "run", out / "model")
     return cfg, summary
+
+
+def probe_trajectory(args, cfg, final_step: int, records, splits: list[np.ndarray], resize: int,
+                     random_scores: dict[str, dict], device: str) -> list[dict]:
+    """Probe the teacher of every checkpoint the run kept before its last step (``--probe-every``):
+    [{step, knn, linear, knn_margin, linear_margin}], margins over the random twins' mean."""
+    from openpluto.embed.images import embed_images
+    from openpluto.model.encoder import load_encoder
+    from openpluto.train.checkpoint import kept_steps
+    from openpluto.train.export import export_teacher
+
+    rows = []
+    for step in (s for s in kept_steps(args.out / "run") if s < final_step):
+        model_dir = export_teacher(args.out / "run", args.out / "models" / f"step_{step:07d}", step=step)
+        x = embed_images(load_encoder(model_dir, device), records, args.patch_size, "cls", 64, 0, resize,
+                         progress=False)[0]
+        scores = probe_scores(x, records.labels, splits, len(records.classes), args.linear)
+        row = {"step": step}
+        for p in PROBES:
+            row[p] = float(np.mean(scores[p]))
+            row[f"{p}_margin"] = row[p] - float(np.mean([np.mean(r[p]) for r in random_scores.values()]))
+        rows.append(row)
+    return rows
 
 
 def last_logged(summary: dict, run_dir: Path) -> dict:
@@ -189,6 +215,13 @@ def format_table(result: dict) -> str:
             f"({lo:.3f}–{hi:.3f}) | {m[p]['over_random_mean']:+.3f} | {m[p]['over_best_random_seed']:+.3f} "
             f"| {s['colour'][p]['mean']:.3f} ± {s['colour'][p]['sd']:.3f} |"
         )
+    if result.get("trajectory"):
+        lines += ["", "| teacher at step | kNN (margin) | linear (margin) |", "|---|---|---|"]
+        last = {"step": result["steps"], **{p: s["trained"][p]["mean"] for p in PROBES},
+                **{f"{p}_margin": m[p]["over_random_mean"] for p in PROBES}}
+        for r in [*result["trajectory"], last]:
+            lines.append(f"| {r['step']} | {r['knn']:.3f} ({r['knn_margin']:+.3f}) | "
+                         f"{r['linear']:.3f} ({r['linear_margin']:+.3f}) |")
     d = result["diagnostics"]
     ranks = ", ".join(f"{k} {v:.1f}" for k, v in d["effective_rank"].items())
     lines += ["", f"effective rank of the features: {ranks}; teacher entropy at the end "
@@ -211,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patch-size", type=int, default=16)
     ap.add_argument("--linear", choices=("eva", "logreg"), default="eva",
                     help="linear probe: eva (the reported one) or logreg (fast, for screening recipes)")
+    ap.add_argument("--probe-every", type=int, default=0, metavar="N",
+                    help="also probe the teacher kept every N steps (log.keep_every=N): a row per step")
     ap.add_argument("--workers", type=int, default=1, help="pretraining DataLoader workers")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
@@ -251,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain_minutes": round(t_pretrain / 60, 2),
         "random_labels": random_labels,
         "summary": summarise(scores, random_labels),
+        "trajectory": probe_trajectory(args, cfg, summary["steps"], records, splits, resize,
+                                       {r: scores[r] for r in random_labels}, device),
         "diagnostics": {
             "effective_rank": {k: effective_rank(v) for k, v in feats.items() if k != "colour"},
             "feature_dim": int(feats["trained"].shape[1]),

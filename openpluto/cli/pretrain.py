@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--student", action="store_true", help="export the student backbone instead of the teacher"
     )
+    e.add_argument("--step", type=int, help="export the checkpoint kept at this step "
+                   "(RUN/checkpoints/step_N.pt, written with log.keep_every=N) instead of the latest")
     e.set_defaults(func=run_export)
 
 
@@ -107,6 +109,7 @@ def pretrain_exit_code(summary: dict) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from openpluto.train.export import export_teacher
 
-    out = export_teacher(args.run, args.out, which="student" if args.student else "teacher")
-    print(f"export: {'student' if args.student else 'teacher'} backbone of {args.run} -> {out}")
+    out = export_teacher(args.run, args.out, which="student" if args.student else "teacher", step=args.step)
+    src = args.run if args.step is None else f"{args.run} at step {args.step}"
+    print(f"export: {'student' if args.student else 'teacher'} backbone of {src} -> {out}")
     return 0

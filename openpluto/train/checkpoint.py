@@ -9,12 +9,16 @@
 - ``rng``: torch / CUDA / numpy / python RNG states stored as tensors and ints;
 - ``config``: the run's config as a plain dict.
 
-A checkpoint whose weights are not all finite is never written.
+A checkpoint whose weights are not all finite is never written. With ``log.keep_every = N`` the
+checkpoint of every N-th step is also kept as ``RUN/checkpoints/step_NNNNNNN.pt`` (a hard link to the
+file just written, so keeping costs no copy), for exporting and probing the encoder along the run.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from openpluto.errors import OpenPlutoError
 from openpluto.io import atomic_path
 
 CHECKPOINT_NAME = "checkpoint.pt"
+KEPT_DIR = "checkpoints"
 
 
 class CheckpointError(OpenPlutoError):
@@ -112,6 +117,33 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> bool:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
     return True
+
+
+def kept_checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """``RUN/checkpoints/step_NNNNNNN.pt``: where the checkpoint of ``step`` is kept."""
+    return Path(run_dir) / KEPT_DIR / f"step_{step:07d}.pt"
+
+
+def keep_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """Keep ``RUN/checkpoint.pt`` as the checkpoint of ``step`` (hard link; a copy where links fail).
+
+    ``checkpoint.pt`` is always replaced by a rename, never rewritten in place, so the link keeps this
+    step's bytes. Atomic like every output: a kill leaves no partial ``step_*.pt``.
+    """
+    src, dst = Path(run_dir) / CHECKPOINT_NAME, kept_checkpoint_path(run_dir, step)
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return dst
+
+
+def kept_steps(run_dir: str | Path) -> list[int]:
+    """Steps whose checkpoints ``RUN/checkpoints/`` keeps, ascending."""
+    return sorted(int(p.stem[len("step_"):]) for p in (Path(run_dir) / KEPT_DIR).glob("step_*.pt")
+                  if p.stem[len("step_"):].isdigit())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

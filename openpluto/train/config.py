@@ -79,6 +79,7 @@ class LogConfig:
 
     log_every: int = 10
     checkpoint_every: int = 1000
+    keep_every: int = 0  # also keep RUN/checkpoints/step_N.pt every N steps (0: only the latest)
     tensorboard: bool = True
     plot_every: int = 500
     progress: bool = True
@@ -122,6 +123,9 @@ class TrainConfig:
             raise ConfigError("patch_size_probs needs patch_sizes of the same length (one weight per size)")
         if self.log.checkpoint_every < 1 or self.log.log_every < 1:
             raise ConfigError("log.checkpoint_every and log.log_every must be >= 1")
+        if self.log.keep_every < 0:
+            raise ConfigError(
+                f"log.keep_every must be >= 0 (0: keep only the latest), got {self.log.keep_every}")
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step (from ``global_batch_size`` when set)."""

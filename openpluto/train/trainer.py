@@ -11,7 +11,8 @@ Per optimizer step ``s`` (all values are functions of ``s``, so a resumed run re
 3. gradient clipping (3.0), a rank-wide non-finite check (skip the step, count it; ``max_nonfinite_in_row``
    skips in a row stop the run), AdamW step, EMA teacher update;
 4. rank 0 logs scalars (CSV + TensorBoard) every ``log.log_every`` steps and writes ``checkpoint.pt``
-   every ``log.checkpoint_every`` steps, at the end, and before stopping early.
+   every ``log.checkpoint_every`` steps, at the end, and before stopping early; with ``log.keep_every``
+   it also writes one every that many steps and keeps it as ``checkpoints/step_NNNNNNN.pt``.
 
 The run stops at ``max_steps``, or early (after a checkpoint) at the first step boundary after
 ``max_minutes`` of wall time or after SIGTERM/SIGINT; every rank agrees on the stop first. The time
@@ -49,6 +50,7 @@ from openpluto.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     full_state,
+    keep_checkpoint,
     load_checkpoint,
     load_full_state,
     rng_state,
@@ -403,7 +405,7 @@ def _train(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, samp
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.total:.3f}", p=res.patch, skip=progress.skipped_total)
-            if stop or progress.step % cfg.log.checkpoint_every == 0 or progress.step == cfg.max_steps:
+            if stop or _checkpoint_due(cfg, progress.step):
                 _save(cfg, out_dir, run, progress, info)
             if stop:
                 stopped_by = stop
@@ -524,8 +526,15 @@ def _progress_bar(cfg: TrainConfig, progress: _Progress, info: DistInfo):
 # ---------------------------------------------------------------------------------------------- checkpoint
 
 
+def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
+    """Whether ``step`` ends with a checkpoint: every ``checkpoint_every``, every ``keep_every``, the last."""
+    keep = cfg.log.keep_every and step % cfg.log.keep_every == 0
+    return step % cfg.log.checkpoint_every == 0 or bool(keep) or step == cfg.max_steps
+
+
 def _save(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, info: DistInfo) -> bool:
-    """Write ``checkpoint.pt`` (rank 0, atomically; never with non-finite weights); collective."""
+    """Write ``checkpoint.pt`` (rank 0, atomically; never with non-finite weights) and keep it as
+    ``checkpoints/step_N.pt`` on a ``log.keep_every`` step; collective."""
     model_sd, optim_sd = full_state(run.meta, run.optimizer)
     ok = True
     if info.is_main:
@@ -548,6 +557,8 @@ def _save(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, info:
         if not ok:
             print(f"warning: weights are not finite at step {progress.step}; checkpoint NOT written",
                   file=sys.stderr)
+        elif cfg.log.keep_every and progress.step % cfg.log.keep_every == 0:
+            keep_checkpoint(out_dir, progress.step)
     barrier(info)
     return ok
 

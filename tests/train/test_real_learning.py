@@ -103,3 +103,28 @@ def test_last_logged_reads_a_reused_run(tmp_path):
     assert rl.last_logged({}, tmp_path) == {"step": 10.0, "teacher_entropy": 1.6, "total": 6.2}
     assert rl.last_logged({"last": {"total": 1.0}}, tmp_path) == {"total": 1.0}
     assert rl.last_logged({}, tmp_path / "missing") == {}
+
+
+def test_probe_every_probes_each_kept_teacher(tmp_path):
+    """``--probe-every 2`` on a 4-step run: the teacher kept at step 2 is exported, probed on the same
+    splits and tabulated beside the final one, its margin over the same random twins."""
+    from test_trainer import TINY
+    from train_helpers import write_folder
+
+    rl = _load_benchmark()
+    unlabeled = write_folder(tmp_path / "unlabeled", 24, size=48)
+    labelled = write_folder(tmp_path / "labelled", 30, size=48, seed=1)
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--unlabeled", str(unlabeled), "--labelled", str(labelled), "--device", "cpu",
+            "--max-steps", "4", "--probe-every", "2", "--splits", "2", "--random-seeds", "1",
+            "--linear", "logreg", *TINY]
+    assert rl.main(argv) == 0
+    res = json.loads((out / "real_learning.json").read_text())
+    assert res["steps"] == 4 and [r["step"] for r in res["trajectory"]] == [2]
+    assert (out / "models" / "step_0000002" / "model.safetensors").is_file()
+    row, margins = res["trajectory"][0], res["summary"]["margins"]
+    for p in rl.PROBES:
+        assert 0.0 <= row[p] <= 1.0
+        assert row[f"{p}_margin"] == pytest.approx(row[p] - margins[p]["random_mean"])
+    table = (out / "real_learning.md").read_text()
+    assert "| teacher at step |" in table and "\n| 2 | " in table and "\n| 4 | " in table

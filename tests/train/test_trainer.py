@@ -15,7 +15,7 @@ import torch
 from train_helpers import write_folder, write_shards
 
 from openpluto.cli.main import main as cli_main
-from openpluto.train.checkpoint import load_checkpoint
+from openpluto.train.checkpoint import kept_checkpoint_path, kept_steps, load_checkpoint
 from openpluto.train.config import load_train_config
 from openpluto.train.metrics import read_metrics
 from openpluto.train.trainer import NonFiniteLossError, pretrain
@@ -102,6 +102,28 @@ def test_short_run_logs_everything_and_exports(shards, tmp_path):
 
     # a second run into the same dir without --resume is refused with a one-line error
     assert cli_main(["pretrain", "--config", "cpu-tiny", "--data", str(shards), "--out", str(run)]) == 2
+
+
+def test_keep_every_keeps_step_checkpoints_and_export_picks_one(shards, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(_cfg(shards, "max_steps=4", "log.checkpoint_every=100", "log.keep_every=2"), run)
+    assert kept_steps(run) == [2, 4]
+    ck2 = torch.load(kept_checkpoint_path(run, 2), weights_only=True)
+    ck4 = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck2["step"] == 2 and ck4["step"] == 4
+    key = next(k for k in ck2["model"] if k.startswith("teacher.backbone.blocks.0."))
+    assert not torch.equal(ck2["model"][key], ck4["model"][key])  # step 2 kept its own bytes
+
+    from openpluto.model import load_pretrained
+
+    assert cli_main(["export", str(run), "--step", "2", "--out", str(tmp_path / "m2")]) == 0
+    sd = load_pretrained(tmp_path / "m2").state_dict()
+    assert torch.equal(sd[key[len("teacher.backbone."):]], ck2["model"][key])
+    capsys.readouterr()
+    assert cli_main(["export", str(run), "--step", "3", "--out", str(tmp_path / "m3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "step 3" in err and "kept steps: 2, 4" in err
+    assert not (tmp_path / "m3").exists()
 
 
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
