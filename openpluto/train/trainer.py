@@ -594,10 +594,11 @@ def _finish(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, inf
         else:
             how = "finished at"
         loss = f"loss {last['total']:.4f}, " if "total" in last else ""
+        kept = ", checkpoints/" if cfg.log.keep_every else ""
         print(
             f"pretrain: {how} step {progress.step}/{cfg.max_steps}, "
             f"{loss}{progress.skipped_total} skipped; "
-            f"run dir {out_dir} (checkpoint.pt, metrics.csv, loss_curve.png, tb/)",
+            f"run dir {out_dir} (checkpoint.pt{kept}, metrics.csv, loss_curve.png, tb/)",
             file=sys.stderr,
         )
     return summary

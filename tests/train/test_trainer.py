@@ -108,6 +108,7 @@ def test_keep_every_keeps_step_checkpoints_and_export_picks_one(shards, tmp_path
     run = tmp_path / "run"
     pretrain(_cfg(shards, "max_steps=4", "log.checkpoint_every=100", "log.keep_every=2"), run)
     assert kept_steps(run) == [2, 4]
+    assert "checkpoints/" in capsys.readouterr().err  # the closing line names the kept folder
     ck2 = torch.load(kept_checkpoint_path(run, 2), weights_only=True)
     ck4 = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck2["step"] == 2 and ck4["step"] == 4
