@@ -51,6 +51,7 @@ from openpluto.train.checkpoint import (
     CheckpointError,
     full_state,
     keep_checkpoint,
+    kept_checkpoint_path,
     load_checkpoint,
     load_full_state,
     rng_state,
@@ -245,6 +246,8 @@ def _pretrain_in_group(cfg: TrainConfig, out_dir: Path, resume: bool, info: Dist
     samples = _training_samples(cfg, info)
     run = _set_up(cfg, info)
     progress = _resume(cfg, out_dir / CHECKPOINT_NAME, run, info) if resume else _Progress()
+    if resume and info.is_main:
+        _keep_missed(cfg, out_dir, progress.step)
     return _train(cfg, out_dir, run, progress, samples, info, t_start)
 
 
@@ -524,6 +527,14 @@ def _progress_bar(cfg: TrainConfig, progress: _Progress, info: DistInfo):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
+
+
+def _keep_missed(cfg: TrainConfig, out_dir: Path, step: int) -> None:
+    """Keep the checkpoint a run resumes from when its step is a ``keep_every`` step not kept yet (a
+    kill between writing it and keeping it)."""
+    keep = cfg.log.keep_every and step and step % cfg.log.keep_every == 0
+    if keep and not kept_checkpoint_path(out_dir, step).is_file():
+        keep_checkpoint(out_dir, step)
 
 
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:

@@ -127,6 +127,16 @@ def test_keep_every_keeps_step_checkpoints_and_export_picks_one(shards, tmp_path
     assert not (tmp_path / "m3").exists()
 
 
+def test_resume_keeps_the_step_a_kill_left_unkept(shards, tmp_path):
+    """A kill between writing a keep-step checkpoint and keeping it: the resumed run keeps it first."""
+    run = tmp_path / "run"
+    pretrain(_cfg(shards, "max_steps=2", "log.keep_every=2"), run)
+    kept_checkpoint_path(run, 2).unlink()  # as if killed before the link
+    pretrain(_cfg(shards, "max_steps=4", "log.keep_every=2"), run, resume=True)
+    assert kept_steps(run) == [2, 4]
+    assert torch.load(kept_checkpoint_path(run, 2), weights_only=True)["step"] == 2
+
+
 def test_nonfinite_steps_are_skipped_then_stop(shards, tmp_path, monkeypatch):
     from openpluto.ssl import SSLMetaArch
 
