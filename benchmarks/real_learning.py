@@ -141,11 +141,18 @@ def pretrain_run(args, out: Path):
     return cfg, summary
 
 
-def probe_trajectory(args, cfg, final_step: int, records, splits: list[np.ndarray], resize: int,
-                     random_scores: dict[str, dict], device: str) -> list[dict]:
-    """Probe the teacher of every checkpoint the run kept before its last step (``--probe-every``):
-    [{step, knn, linear, knn_margin, linear_margin}], margins over the random twins' mean."""
+def cls_features(encoder, records, patch_size: int, resize: int) -> np.ndarray:
+    """CLS features [N, D] of the labelled tiles at ``resize`` px, ``patch_size``: what every probe sees."""
     from openpluto.embed.images import embed_images
+
+    return embed_images(encoder, records, patch_size, "cls", 64, 0, resize, progress=False)[0]
+
+
+def probe_trajectory(args, final_step: int, records, splits: list[np.ndarray], resize: int,
+                     random_mean: dict[str, float], device: str) -> list[dict]:
+    """Probe the teacher of every checkpoint the run kept before its last step (``--probe-every``):
+    [{step, knn, linear, knn_margin, linear_margin}], margins over ``random_mean`` (the twins' mean per
+    probe)."""
     from openpluto.model.encoder import load_encoder
     from openpluto.train.checkpoint import kept_steps
     from openpluto.train.export import export_teacher
@@ -153,13 +160,12 @@ def probe_trajectory(args, cfg, final_step: int, records, splits: list[np.ndarra
     rows = []
     for step in (s for s in kept_steps(args.out / "run") if s < final_step):
         model_dir = export_teacher(args.out / "run", args.out / "models" / f"step_{step:07d}", step=step)
-        x = embed_images(load_encoder(model_dir, device), records, args.patch_size, "cls", 64, 0, resize,
-                         progress=False)[0]
+        x = cls_features(load_encoder(model_dir, device), records, args.patch_size, resize)
         scores = probe_scores(x, records.labels, splits, len(records.classes), args.linear)
         row = {"step": step}
         for p in PROBES:
             row[p] = float(np.mean(scores[p]))
-            row[f"{p}_margin"] = row[p] - float(np.mean([np.mean(r[p]) for r in random_scores.values()]))
+            row[f"{p}_margin"] = row[p] - random_mean[p]
         rows.append(row)
     return rows
 
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first touches CUDA: pretraining on CPU too
     import torch
 
-    from openpluto.embed.images import ImageRecords, embed_images
+    from openpluto.embed.images import ImageRecords
 
     for folder in (args.unlabeled, args.labelled):
         if not folder.is_dir():
@@ -273,11 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     y, n_classes = records.labels, len(records.classes)
     splits = make_splits(y, args.splits, args.val_fraction, args.test_fraction)
     encoders = build_encoders(cfg, args.out / "model", args.random_seeds, device)
-    feats = {label: embed_images(enc, records, args.patch_size, "cls", 64, 0, resize, progress=False)[0]
-             for label, enc in encoders.items()}
+    feats = {label: cls_features(enc, records, args.patch_size, resize) for label, enc in encoders.items()}
     feats["colour"] = colour_features(records, resize)
     scores = {label: probe_scores(x, y, splits, n_classes, args.linear) for label, x in feats.items()}
     random_labels = [k for k in encoders if k.startswith("random")]
+    summed = summarise(scores, random_labels)
     last = last_logged(summary, args.out / "run")
     result = {
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -285,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": summary["steps"],
         "pretrain_minutes": round(t_pretrain / 60, 2),
         "random_labels": random_labels,
-        "summary": summarise(scores, random_labels),
-        "trajectory": probe_trajectory(args, cfg, summary["steps"], records, splits, resize,
-                                       {r: scores[r] for r in random_labels}, device),
+        "summary": summed,
+        "trajectory": probe_trajectory(args, summary["steps"], records, splits, resize,
+                                       {p: summed["margins"][p]["random_mean"] for p in PROBES}, device),
         "diagnostics": {
             "effective_rank": {k: effective_rank(v) for k, v in feats.items() if k != "colour"},
             "feature_dim": int(feats["trained"].shape[1]),

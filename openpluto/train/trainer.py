@@ -532,15 +532,18 @@ def _progress_bar(cfg: TrainConfig, progress: _Progress, info: DistInfo):
 def _keep_missed(cfg: TrainConfig, out_dir: Path, step: int) -> None:
     """Keep the checkpoint a run resumes from when its step is a ``keep_every`` step not kept yet (a
     kill between writing it and keeping it)."""
-    keep = cfg.log.keep_every and step and step % cfg.log.keep_every == 0
-    if keep and not kept_checkpoint_path(out_dir, step).is_file():
+    if step and _keep_step(cfg, step) and not kept_checkpoint_path(out_dir, step).is_file():
         keep_checkpoint(out_dir, step)
 
 
+def _keep_step(cfg: TrainConfig, step: int) -> bool:
+    """Whether the checkpoint of ``step`` is kept (``log.keep_every``; 0 keeps none)."""
+    return bool(cfg.log.keep_every) and step % cfg.log.keep_every == 0
+
+
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
-    """Whether ``step`` ends with a checkpoint: every ``checkpoint_every``, every ``keep_every``, the last."""
-    keep = cfg.log.keep_every and step % cfg.log.keep_every == 0
-    return step % cfg.log.checkpoint_every == 0 or bool(keep) or step == cfg.max_steps
+    """Whether ``step`` ends with a checkpoint: every ``checkpoint_every``, every kept step, the last."""
+    return step % cfg.log.checkpoint_every == 0 or _keep_step(cfg, step) or step == cfg.max_steps
 
 
 def _save(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, info: DistInfo) -> bool:
@@ -568,7 +571,7 @@ def _save(cfg: TrainConfig, out_dir: Path, run: _Run, progress: _Progress, info:
         if not ok:
             print(f"warning: weights are not finite at step {progress.step}; checkpoint NOT written",
                   file=sys.stderr)
-        elif cfg.log.keep_every and progress.step % cfg.log.keep_every == 0:
+        elif _keep_step(cfg, progress.step):
             keep_checkpoint(out_dir, progress.step)
     barrier(info)
     return ok
