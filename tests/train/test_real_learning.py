@@ -67,13 +67,18 @@ def test_cpu_tiny_linear_reaches_the_target_margin(real_result):
     assert m["over_random_mean"] >= 0.10 and _beyond_seed_spread(m), m
 
 
-def _load_benchmark():
+def _load_script(name: str):
+    """``benchmarks/NAME.py`` as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("real_learning", REPO / "benchmarks" / "real_learning.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_benchmark():
+    return _load_script("real_learning")
 
 
 def test_screening_probes_and_margins():
@@ -128,3 +133,55 @@ def test_probe_every_probes_each_kept_teacher(tmp_path):
         assert row[f"{p}_margin"] == pytest.approx(row[p] - margins[p]["random_mean"])
     table = (out / "real_learning.md").read_text()
     assert "| teacher at step |" in table and "\n| 2 | " in table and "\n| 4 | " in table
+
+
+def _load_bounds():
+    return _load_script("probe_bounds")
+
+
+def test_tile_errors_counts_each_test_appearance():
+    """Error rate and most frequent wrong class per tile, and the confusion matrix, over two splits."""
+    import numpy as np
+
+    pb = _load_bounds()
+    y = np.array([0, 1, 2, 0])
+    splits = [np.array(["test", "test", "train", "val"]), np.array(["train", "test", "test", "test"])]
+    errors = pb.tile_errors(y, splits, [np.array([0, 2]), np.array([2, 2, 1])], 3)
+    assert errors["error_rate"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert errors["taken_for"][[1, 3]].tolist() == [2, 1]
+    assert errors["confusion"].tolist() == [[1, 1, 0], [0, 0, 2], [0, 0, 1]]
+    untested = pb.tile_errors(y, splits[:1], [np.array([0, 2])], 3)["error_rate"]
+    assert np.isnan(untested[2:]).all()
+
+
+def test_probe_bounds_on_a_finished_run(tmp_path):
+    """``probe_bounds.py`` on a 4-step run of generated folders: tuned classifiers for the trained
+    encoder and its twin beside the run's own linear score, one split of supervised training from the
+    teacher and from scratch, a confusion matrix over every test appearance, and the picture; a folder
+    without a run is a one-line error."""
+    import numpy as np
+    from test_trainer import TINY
+    from train_helpers import write_folder
+
+    rl, pb = _load_benchmark(), _load_bounds()
+    unlabeled = write_folder(tmp_path / "unlabeled", 24, size=48)
+    labelled = write_folder(tmp_path / "labelled", 40, size=48, seed=1)
+    out = tmp_path / "out"
+    assert rl.main(["--out", str(out), "--unlabeled", str(unlabeled), "--labelled", str(labelled),
+                    "--device", "cpu", "--max-steps", "4", "--splits", "3", "--random-seeds", "1",
+                    "--linear", "logreg", *TINY]) == 0
+    assert pb.main(["--out", str(out), "--supervised-splits", "1", "--epochs", "2", "--patience", "1"]) == 0
+    res = json.loads((out / "probe_bounds.json").read_text())
+    run = json.loads((out / "real_learning.json").read_text())
+    assert set(res["classifiers"]) == {"trained", "random_seed0"}
+    for label, row in res["classifiers"].items():
+        assert row["eva_linear"] == run["summary"]["rows"][label]["linear"]["mean"]
+        for probe in ("logreg", "svm"):
+            assert len(row[probe]["runs"]) == 3 and 0.0 <= row[probe]["mean"] <= 1.0
+    assert {k: len(v["runs"]) for k, v in res["supervised"].items()} == {"fine-tuned": 1, "scratch": 1}
+    splits = rl.make_splits(np.array([i % 2 for i in range(40)]), 3, 0.2, 0.2)
+    assert np.sum(res["errors"]["confusion"]) == sum(int((s == "test").sum()) for s in splits)
+    assert (out / "hard_tiles.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| trained |" in (out / "probe_bounds.md").read_text()
+    with pytest.raises(SystemExit, match="no finished real_learning run"):
+        pb.main(["--out", str(tmp_path / "nothing")])
