@@ -23,7 +23,6 @@ Writes ``OUT/probe_bounds.json`` and ``OUT/probe_bounds.md``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -185,17 +184,18 @@ def train_supervised(backbone, sample: CropSampler, full, y: np.ndarray, split: 
     return float(best_test)
 
 
-def supervised_scores(cfg, trained_state: dict, records, splits: list[np.ndarray], resize: int,
+def supervised_scores(cfg, trained, records, splits: list[np.ndarray], resize: int,
                       patch_size: int, epochs: int, patience: int) -> dict[str, list[float]]:
     """Test balanced accuracy per split of the ViT trained with labels: fine-tuned from the trained
-    teacher and from random init (seed ``cfg.seed + split``)."""
+    teacher (the :class:`~openpluto.model.encoder.PlutoEncoder` ``trained``, left as it is) and from
+    random init (seed ``cfg.seed + split``)."""
     import torch
 
     from openpluto.embed.images import normalise
     from openpluto.model import build_model
 
-    model = build_model(cfg.model, **cfg.model_overrides)
-    mean, std = model.cfg.mean, model.cfg.std
+    mean, std = trained.mean, trained.std
+    trained_state = trained.backbone.state_dict()
     sample = CropSampler(load_tiles(records.paths), resize, cfg.ssl.crops.global_scale, mean, std)
     full = normalise(probe_inputs(records.paths, resize), mean, std)
     out: dict[str, list[float]] = {"fine-tuned": [], "scratch": []}
@@ -204,7 +204,7 @@ def supervised_scores(cfg, trained_state: dict, records, splits: list[np.ndarray
             torch.manual_seed(cfg.seed + i)
             backbone = build_model(cfg.model, **cfg.model_overrides)
             if start == "fine-tuned":
-                backbone.load_state_dict(copy.deepcopy(trained_state))
+                backbone.load_state_dict(trained_state)  # copies the values in
             out[start].append(train_supervised(backbone, sample, full, records.labels, split,
                                                len(records.classes), SUPERVISED_LR[start], patch_size,
                                                epochs, patience, seed=cfg.seed + i))
@@ -298,19 +298,18 @@ def main(argv: list[str] | None = None) -> int:
     splits = rl.make_splits(y, s["splits"], s["val_fraction"], s["test_fraction"])
     encoders = rl.build_encoders(cfg, args.out / "model", s["random_seeds"], "cpu")
     eva = json.loads((args.out / "real_learning.json").read_text())["summary"]["rows"]
-    classifiers, predictions = {}, None
+    classifiers, predictions = {}, {}
     for label, enc in encoders.items():
-        scores, preds = tuned_probes(rl.cls_features(enc, records, s["patch_size"], s["resize"]), y, splits)
+        scores, predictions[label] = tuned_probes(rl.cls_features(enc, records, s["patch_size"], s["resize"]),
+                                                  y, splits)
         classifiers[label] = {"eva_linear": eva.get(label, {}).get("linear", {}).get("mean"),
                               **{k: _mean_sd(v) for k, v in scores.items()}}
-        predictions = preds if label == "trained" else predictions
-    errors = tile_errors(y, splits, predictions, n_classes)
+    errors = tile_errors(y, splits, predictions["trained"], n_classes)
     n_sup = min(args.supervised_splits, len(splits))
     supervised = {}
     if n_sup:
-        state = {k: v.clone() for k, v in encoders["trained"].backbone.state_dict().items()}
-        runs = supervised_scores(cfg, state, records, splits[:n_sup], s["resize"], s["patch_size"],
-                                 args.epochs, args.patience)
+        runs = supervised_scores(cfg, encoders["trained"], records, splits[:n_sup], s["resize"],
+                                 s["patch_size"], args.epochs, args.patience)
         supervised = {k: _mean_sd(v) for k, v in runs.items()}
     rate = errors["error_rate"]
     tested = ~np.isnan(rate)
