@@ -142,9 +142,11 @@ class CropSampler:
 
 
 def train_supervised(backbone, sample: CropSampler, full, y: np.ndarray, split: np.ndarray, n_classes: int,
-                     lr: float, patch_size: int, epochs: int, patience: int, seed: int) -> float:
-    """Train ``backbone`` + a linear head on the split's train tiles; test balanced accuracy at the epoch
-    with the best validation balanced accuracy (stops after ``patience`` epochs without a better one)."""
+                     lr: float, patch_size: int, epochs: int, patience: int, seed: int, device: str = "cpu"
+                     ) -> float:
+    """Train ``backbone`` + a linear head on the split's train tiles (on ``device``; ``full``, the
+    normalised probe inputs, already there); test balanced accuracy at the epoch with the best validation
+    balanced accuracy (stops after ``patience`` epochs without a better one)."""
     import torch
     import torch.nn.functional as F
 
@@ -152,14 +154,18 @@ def train_supervised(backbone, sample: CropSampler, full, y: np.ndarray, split: 
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    head = torch.nn.Linear(backbone.embed_dim, n_classes)
+    backbone.to(device)
+    head = torch.nn.Linear(backbone.embed_dim, n_classes).to(device)
     params = [*backbone.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     tr, va, te = (np.nonzero(split == s)[0] for s in ("train", "val", "test"))
-    labels = torch.from_numpy(y)
+    labels = torch.from_numpy(y).to(device)
 
     def logits(x):
         return head(backbone.forward_features(x, patch_size)["cls"])
+
+    def predict(idx):
+        return logits(full[idx]).argmax(1).cpu().numpy()
 
     best_val, best_test, since = -1.0, 0.0, 0
     for _ in range(epochs):
@@ -167,16 +173,16 @@ def train_supervised(backbone, sample: CropSampler, full, y: np.ndarray, split: 
         order = rng.permutation(tr)
         for b in range(0, len(order), 32):
             idx = order[b: b + 32]
-            loss = F.cross_entropy(logits(sample(idx)), labels[idx])
+            loss = F.cross_entropy(logits(sample(idx).to(device)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         backbone.eval()
         with torch.no_grad():
-            val = balanced_accuracy(y[va], logits(full[va]).argmax(1).numpy())
+            val = balanced_accuracy(y[va], predict(va))
             if val > best_val:
                 best_val, since = val, 0
-                best_test = balanced_accuracy(y[te], logits(full[te]).argmax(1).numpy())
+                best_test = balanced_accuracy(y[te], predict(te))
             else:
                 since += 1
         if since >= patience:
@@ -184,8 +190,8 @@ def train_supervised(backbone, sample: CropSampler, full, y: np.ndarray, split: 
     return float(best_test)
 
 
-def supervised_scores(cfg, trained, records, splits: list[np.ndarray], resize: int,
-                      patch_size: int, epochs: int, patience: int) -> dict[str, list[float]]:
+def supervised_scores(cfg, trained, records, splits: list[np.ndarray], resize: int, patch_size: int,
+                      epochs: int, patience: int, device: str = "cpu") -> dict[str, list[float]]:
     """Test balanced accuracy per split of the ViT trained with labels: fine-tuned from the trained
     teacher (the :class:`~openpluto.model.encoder.PlutoEncoder` ``trained``, left as it is) and from
     random init (seed ``cfg.seed + split``)."""
@@ -195,9 +201,9 @@ def supervised_scores(cfg, trained, records, splits: list[np.ndarray], resize: i
     from openpluto.model import build_model
 
     mean, std = trained.mean, trained.std
-    trained_state = trained.backbone.state_dict()
+    trained_state = {k: v.cpu() for k, v in trained.backbone.state_dict().items()}
     sample = CropSampler(load_tiles(records.paths), resize, cfg.ssl.crops.global_scale, mean, std)
-    full = normalise(probe_inputs(records.paths, resize), mean, std)
+    full = normalise(probe_inputs(records.paths, resize), mean, std, device)
     out: dict[str, list[float]] = {"fine-tuned": [], "scratch": []}
     for i, split in enumerate(splits):
         for start in out:
@@ -207,13 +213,13 @@ def supervised_scores(cfg, trained, records, splits: list[np.ndarray], resize: i
                 backbone.load_state_dict(trained_state)  # copies the values in
             out[start].append(train_supervised(backbone, sample, full, records.labels, split,
                                                len(records.classes), SUPERVISED_LR[start], patch_size,
-                                               epochs, patience, seed=cfg.seed + i))
+                                               epochs, patience, seed=cfg.seed + i, device=device))
             print(f"supervised {start}, split {i}: {out[start][-1]:.3f}", file=sys.stderr, flush=True)
     return out
 
 
 def hard_tiles_figure(records, errors: dict, path: Path, per_class: int = 8) -> int:
-    """Save the tiles wrong most often (at least half their test appearances), ``per_class`` per class,
+    """Save the tiles wrong most often (in more than half their test appearances), ``per_class`` per class,
     titled with the error rate and the class they are taken for; returns how many are shown."""
     import matplotlib
 
@@ -227,7 +233,7 @@ def hard_tiles_figure(records, errors: dict, path: Path, per_class: int = 8) -> 
     rows = []
     for c, name in enumerate(records.classes):
         idx = [i for i in np.argsort(-np.nan_to_num(rate, nan=-1.0), kind="stable")
-               if records.labels[i] == c and rate[i] >= 0.5][:per_class]
+               if records.labels[i] == c and rate[i] > 0.5][:per_class]
         rows.append((name, idx))
     n_rows = max(1, sum(1 for _, idx in rows if idx))
     fig, axes = plt.subplots(n_rows, per_class, figsize=(1.6 * per_class, 1.9 * n_rows), squeeze=False)
@@ -286,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="splits to train the ViT with labels on (0: skip; ~1 CPU-minute each at 64 px)")
     ap.add_argument("--epochs", type=int, default=80, help="most epochs of supervised training")
     ap.add_argument("--patience", type=int, default=15, help="epochs without a better validation score")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where the encoders embed and the supervised runs train")
     args = ap.parse_args(argv)
     s = read_run(args.out)
+    import torch
+
+    device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and device != "cuda":
+        raise SystemExit("error: --device cuda but CUDA is not available")
     from openpluto.embed.images import ImageRecords
     from openpluto.io import write_json_atomic, write_text_atomic
     from openpluto.train.config import load_train_config
@@ -296,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     records = ImageRecords.from_source(s["labelled"])
     y, n_classes = records.labels, len(records.classes)
     splits = rl.make_splits(y, s["splits"], s["val_fraction"], s["test_fraction"])
-    encoders = rl.build_encoders(cfg, args.out / "model", s["random_seeds"], "cpu")
+    encoders = rl.build_encoders(cfg, args.out / "model", s["random_seeds"], device)
     eva = json.loads((args.out / "real_learning.json").read_text())["summary"]["rows"]
     classifiers, predictions = {}, {}
     for label, enc in encoders.items():
@@ -309,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     supervised = {}
     if n_sup:
         runs = supervised_scores(cfg, encoders["trained"], records, splits[:n_sup], s["resize"],
-                                 s["patch_size"], args.epochs, args.patience)
+                                 s["patch_size"], args.epochs, args.patience, device)
         supervised = {k: _mean_sd(v) for k, v in runs.items()}
     rate = errors["error_rate"]
     tested = ~np.isnan(rate)
