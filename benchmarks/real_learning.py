@@ -1,7 +1,11 @@
-"""Does pretraining learn on real tissue? Trained encoder vs its random twin on real labelled tiles.
+r"""Does pretraining learn on real tissue? Trained encoder vs its random twin on real labelled tiles.
 
     python benchmarks/real_learning.py --out /tmp/real                 # cpu-tiny, 400 steps, LC25000 lung
-    python benchmarks/real_learning.py --out /tmp/real --config pluto4s --max-steps 2000 --device cuda
+    # PLUTO-4S on one GPU: its preset schedule is set for 125,000 steps (12,500 of warm-up) at a global
+    # batch of 1,536, so a short run scales the batch and the schedule down with it:
+    python benchmarks/real_learning.py --out /tmp/real-s --config pluto4s --max-steps 3000 --device cuda \
+        global_batch_size=null data.batch_size=128 schedule.warmup_steps=300 \
+        schedule.teacher_temp_warmup_steps=1000 schedule.freeze_last_layer_steps=100
 
 1. pretrain ``--config`` for ``--max-steps`` on the *unlabelled* image folder ``--unlabeled`` (a finished
    run in ``OUT/run`` is reused; a killed one resumes), then export its EMA teacher;
