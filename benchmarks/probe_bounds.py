@@ -38,12 +38,12 @@ SUPERVISED_LR = {"scratch": 1e-3, "fine-tuned": 5e-4}  # AdamW, weight decay 0.0
 
 
 def read_run(out: Path) -> dict:
-    """The settings of the ``real_learning.py`` run in ``out`` (a one-line error when there is none)."""
+    """``real_learning.json`` of the run in ``out`` (a one-line error when there is none)."""
     path = out / "real_learning.json"
     if not path.is_file() or not (out / "model").is_dir():
         raise SystemExit(f"error: {out} holds no finished real_learning run (run benchmarks/real_learning.py "
                          f"--out {out} first)")
-    return json.loads(path.read_text())["settings"]
+    return json.loads(path.read_text())
 
 
 def best_on_val(models: list, train: tuple, val: tuple):
@@ -280,11 +280,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(v: list[float]) -> dict:
-    return {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-            "runs": [round(float(s), 4) for s in v]}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the --out folder of a real_learning.py run")
@@ -295,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where the encoders embed and the supervised runs train")
     args = ap.parse_args(argv)
-    s = read_run(args.out)
+    run = read_run(args.out)
+    s = run["settings"]
     import torch
 
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -310,20 +306,20 @@ def main(argv: list[str] | None = None) -> int:
     y, n_classes = records.labels, len(records.classes)
     splits = rl.make_splits(y, s["splits"], s["val_fraction"], s["test_fraction"])
     encoders = rl.build_encoders(cfg, args.out / "model", s["random_seeds"], device)
-    eva = json.loads((args.out / "real_learning.json").read_text())["summary"]["rows"]
+    eva = run["summary"]["rows"]
     classifiers, predictions = {}, {}
     for label, enc in encoders.items():
         scores, predictions[label] = tuned_probes(rl.cls_features(enc, records, s["patch_size"], s["resize"]),
                                                   y, splits)
         classifiers[label] = {"eva_linear": eva.get(label, {}).get("linear", {}).get("mean"),
-                              **{k: _mean_sd(v) for k, v in scores.items()}}
+                              **{k: rl.mean_sd(v) for k, v in scores.items()}}
     errors = tile_errors(y, splits, predictions["trained"], n_classes)
     n_sup = min(args.supervised_splits, len(splits))
     supervised = {}
     if n_sup:
         runs = supervised_scores(cfg, encoders["trained"], records, splits[:n_sup], s["resize"],
                                  s["patch_size"], args.epochs, args.patience, device)
-        supervised = {k: _mean_sd(v) for k, v in runs.items()}
+        supervised = {k: rl.mean_sd(v) for k, v in runs.items()}
     rate = errors["error_rate"]
     tested = ~np.isnan(rate)
     shown = hard_tiles_figure(records, errors, args.out / "hard_tiles.png")

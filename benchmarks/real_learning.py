@@ -185,12 +185,15 @@ def last_logged(summary: dict, run_dir: Path) -> dict:
     return rows[-1] if rows else {}
 
 
+def mean_sd(runs: list[float]) -> dict:
+    """``{mean, sd (ddof 1; 0 for one run), runs (rounded to 4 places)}`` of per-split scores."""
+    return {"mean": float(np.mean(runs)), "sd": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
+            "runs": [round(float(s), 4) for s in runs]}
+
+
 def summarise(scores: dict[str, dict[str, list[float]]], random_labels: list[str]) -> dict:
     """Means/sds per encoder and probe, random seeds pooled, and the trained-minus-random margins."""
-    rows: dict[str, dict] = {}
-    for label, per in scores.items():
-        rows[label] = {p: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                           "runs": [round(float(s), 4) for s in v]} for p, v in per.items()}
+    rows = {label: {p: mean_sd(v) for p, v in per.items()} for label, per in scores.items()}
     margins = {}
     for p in PROBES:
         seed_means = [rows[r][p]["mean"] for r in random_labels]
